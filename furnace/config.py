@@ -1,0 +1,232 @@
+"""Experiment configuration: defaults per dataset, overrides, and the values derived from them.
+
+An experiment folder's `config.py` starts from `new_config(dataset, __file__)` and sets what differs.
+At launch, `resolve(C, overrides)` applies, in this order (later wins):
+  1. files given with `--cfg FILE` (lines `key = value`, '#' comments),
+  2. environment variables `MGD_<KEY>` (e.g. MGD_BATCH_SIZE=4, MGD_DATA_ROOT=/data/voc),
+  3. command-line `key=value` pairs (e.g. `python train.py lr=0.01 epochs=2`).
+Values are Python literals where they parse as one (`0.01`, `[0.5, 1.0]`, `None`), strings otherwise.
+An unknown key is an error naming where it came from. String values may use the placeholders
+{root} (repository), {exp_dir}, {exp_name}, {method}, {data_root}, {partition}, {output_dir}.
+"""
+import argparse
+import ast
+import os
+import os.path as osp
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from easydict import EasyDict
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+ENV_PREFIX = "MGD_"
+
+METHODS = ("supervised", "cps", "mgd")
+NETWORKS = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v2")
+AMP_MODES = ("off", "bf16", "fp16")
+
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+
+
+def new_config(dataset: str, exp_file: str) -> EasyDict:
+    """Defaults shared by every experiment on `dataset` ('voc' or 'cityscapes')."""
+    from furnace.data.cityscapes_labels import CITYSCAPES_CLASS_NAMES
+
+    exp_dir = osp.dirname(osp.abspath(exp_file))
+    C = EasyDict()
+    C.exp_name = osp.basename(exp_dir)
+    C.exp_dir = exp_dir
+    C.seed = 12345
+
+    # data
+    C.dataset = dataset
+    if dataset == "voc":
+        C.data_root = "{root}/DATA/pascal_voc"
+        C.train_list = "{data_root}/lists/train_aug.txt"
+        C.num_classes = 21
+        C.class_names = VOC_CLASSES
+        C.crop_size = 512
+    elif dataset == "cityscapes":
+        C.data_root = "{root}/DATA/city"
+        C.train_list = "{data_root}/lists/train.txt"
+        C.num_classes = 19
+        C.class_names = CITYSCAPES_CLASS_NAMES
+        C.crop_size = 800
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}: expected 'voc' or 'cityscapes'")
+    C.partition = 8                    # 1/partition of the training list is labeled
+    C.labeled_list = "{data_root}/lists/labeled_1-{partition}.txt"
+    C.unlabeled_list = "{data_root}/lists/unlabeled_1-{partition}.txt"
+    C.val_list = "{data_root}/lists/val.txt"
+    C.train_scales = [0.5, 0.75, 1.0, 1.5, 1.75, 2.0]
+    C.image_mean = [0.485, 0.456, 0.406]
+    C.image_std = [0.229, 0.224, 0.225]
+    C.num_workers = 4
+
+    # network and method
+    C.network = "resnet18"
+    C.pretrained = None                # ImageNet weights file (torchvision or timm format), or None
+    C.output_stride = 16
+    C.method = "mgd"
+    C.teacher_deep = None              # checkpoint of the deep teacher (CPS branch 1)
+    C.teacher_wide = None              # checkpoint of the wide teacher (CPS branch 1)
+    C.teacher_deep_network = "resnet101"
+    C.teacher_wide_network = "wide_resnet50_2"
+    C.teacher_bn = "eval"              # 'eval': frozen BN statistics; 'train': batch statistics, as published
+
+    # loss weights (0 switches a term off, for ablations)
+    C.sup_weight = 1.0
+    C.cps_weight = 1.0
+    C.pixel_unlabeled_weight = 1.0     # CE(s_mix, argmax T_D mix) + CE(s_mix, argmax T_W mix)
+    C.pixel_labeled_weight = 1.0       # CE(s_l, argmax T_D(x_l)) + CE(s_l, argmax T_W(x_l))
+    C.semantic_weight = 0.002          # lambda_1, see semantic_batch
+    C.semantic_batch = 2               # lambda_1 was published for a sum over 2 images per GPU
+    C.region_weight = 100.0            # lambda_2
+    C.region_grid = 7
+    C.ohem = dataset == "cityscapes"
+    C.ohem_thresh = 0.7
+    C.ohem_min_kept = 50000            # per image of the local batch
+
+    # optimisation (batch and lr are global: the lr written here is the lr used, whatever the GPU count)
+    C.batch_size = 8                   # labeled images per step over all processes; unlabeled the same
+    C.lr = 0.01
+    C.momentum = 0.9
+    C.weight_decay = 1e-4
+    C.lr_power = 0.9
+    C.warmup_iters = 0
+    C.epochs = 34
+    C.iters_per_epoch = None           # None: max(|D_l|, |D_u|) // batch_size
+    C.amp = "bf16"                     # 'off', 'bf16' or 'fp16' (fp16 on CUDA only)
+    C.channels_last = False
+    C.device = "auto"                  # 'auto', 'cpu' or 'cuda'
+
+    # checkpoints and logs
+    C.output_dir = "{exp_dir}/output/{method}"
+    C.save_every = 5                   # epochs; the last epoch is always saved
+    C.log_every = 10                   # iterations between TensorBoard points
+
+    # evaluation
+    C.eval_mode = "sliding"            # 'sliding' or 'whole'
+    C.eval_crop_size = C.crop_size
+    C.eval_stride_rate = 2 / 3
+    C.eval_scales = [1.0]
+    C.eval_flip = False
+    return C
+
+
+def parse_value(text: str):
+    """A Python literal if `text` is one, else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def read_override_file(path: str) -> List[Tuple[str, str, str]]:
+    """(key, value text, origin) triples from a `key = value` file."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f"config override file not found: {path}")
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            if "=" not in line:
+                raise ValueError(f"{path}:{n}: expected 'key = value', got {line!r}")
+            key, value = line.split("=", 1)
+            items.append((key.strip(), value.strip(), f"{path}:{n}"))
+    return items
+
+
+def collect_overrides(cfg_files: Iterable[str] = (), pairs: Iterable[str] = (),
+                      environ: Optional[Dict[str, str]] = None) -> List[Tuple[str, str, str]]:
+    """All overrides in the order they apply: files, then MGD_* environment variables, then key=value pairs."""
+    environ = os.environ if environ is None else environ
+    items = []
+    for path in cfg_files:
+        items += read_override_file(path)
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX):
+            items.append((name[len(ENV_PREFIX):].lower(), environ[name], f"environment variable {name}"))
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"command-line override {pair!r} is not of the form key=value")
+        key, value = pair.split("=", 1)
+        items.append((key.strip(), value.strip(), f"command-line override {pair!r}"))
+    return items
+
+
+def resolve(C: EasyDict, overrides: Iterable[Tuple[str, str, str]] = ()) -> EasyDict:
+    """A new config with the overrides applied, placeholders filled in, and values checked."""
+    C = EasyDict(dict(C))
+    for key, text, origin in overrides:
+        if key not in C:
+            raise KeyError(f"unknown config key {key!r} (from {origin}); known keys: {', '.join(sorted(C))}")
+        C[key] = parse_value(text)
+
+    # Fill placeholders; data_root and output_dir first since others refer to them.
+    names = {"root": REPO_ROOT, "exp_dir": C.exp_dir, "exp_name": C.exp_name, "partition": C.partition,
+             "method": C.method}
+    for key in ("data_root", "output_dir"):
+        C[key] = _fill(C[key], names, key)
+        names[key] = C[key]
+    for key, value in list(C.items()):
+        if isinstance(value, str):
+            C[key] = _fill(value, names, key)
+    check(C)
+    return C
+
+
+def _fill(value, names: Dict[str, object], key: str):
+    if not isinstance(value, str):
+        return value
+    try:
+        return value.format(**names)
+    except (KeyError, IndexError) as e:
+        raise KeyError(f"config key {key!r}: unknown placeholder {e} in {value!r}; "
+                       f"available: {', '.join('{' + n + '}' for n in names)}") from None
+
+
+def check(C: EasyDict) -> None:
+    """Reject settings that cannot work, naming the setting."""
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ValueError(f"config: {msg}")
+    need(C.method in METHODS, f"method={C.method!r}; expected one of {METHODS}")
+    need(C.network in NETWORKS, f"network={C.network!r}; expected one of {NETWORKS}")
+    need(C.amp in AMP_MODES, f"amp={C.amp!r}; expected one of {AMP_MODES}")
+    need(C.teacher_bn in ("eval", "train"), f"teacher_bn={C.teacher_bn!r}; expected 'eval' or 'train'")
+    need(C.eval_mode in ("sliding", "whole"), f"eval_mode={C.eval_mode!r}; expected 'sliding' or 'whole'")
+    need(C.device in ("auto", "cpu", "cuda"), f"device={C.device!r}; expected 'auto', 'cpu' or 'cuda'")
+    need(isinstance(C.batch_size, int) and C.batch_size > 0, f"batch_size={C.batch_size!r} must be a positive int")
+    need(isinstance(C.epochs, int) and C.epochs > 0, f"epochs={C.epochs!r} must be a positive int")
+    need(C.iters_per_epoch is None or (isinstance(C.iters_per_epoch, int) and C.iters_per_epoch > 0),
+         f"iters_per_epoch={C.iters_per_epoch!r} must be None or a positive int")
+    need(isinstance(C.num_classes, int) and 1 < C.num_classes < 255, f"num_classes={C.num_classes!r}")
+    need(len(C.class_names) == C.num_classes,
+         f"class_names has {len(C.class_names)} names but num_classes={C.num_classes}")
+    need(C.lr > 0, f"lr={C.lr!r} must be positive")
+    need(C.output_stride in (8, 16, 32), f"output_stride={C.output_stride!r}; expected 8, 16 or 32")
+    for key in ("sup_weight", "cps_weight", "pixel_unlabeled_weight", "pixel_labeled_weight",
+                "semantic_weight", "region_weight"):
+        need(isinstance(C[key], (int, float)) and C[key] >= 0, f"{key}={C[key]!r} must be a number >= 0")
+
+
+def crop_hw(size) -> Tuple[int, int]:
+    """(height, width) of a crop given as an int or a pair."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def config_from_cli(C: EasyDict, parser: argparse.ArgumentParser,
+                    argv: Optional[List[str]] = None) -> Tuple[EasyDict, argparse.Namespace]:
+    """Parse a script's command line: its own options, `--cfg FILE` and `key=value` overrides."""
+    parser.add_argument("--cfg", action="append", default=[], metavar="FILE",
+                        help="file of 'key = value' config overrides (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    args = parser.parse_args(argv)
+    return resolve(C, collect_overrides(args.cfg, args.overrides)), args

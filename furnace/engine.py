@@ -1,0 +1,316 @@
+"""The training engine: data streams, models, optimiser, checkpoints and the loop, for every method.
+
+Determinism: the augmentation of every sample is a pure function of (seed, stream, epoch, position in the
+epoch) and the CutMix boxes of every step a function of (seed, iteration). Training state is therefore
+just weights, optimiser and iteration counter, which makes `--resume` exact and lets 1 and N processes
+see the same global batch.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import os.path as osp
+import time
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from easydict import EasyDict
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from furnace.checkpoint import load_checkpoint, save_checkpoint, segmentor_from_checkpoint
+from furnace.config import config_from_cli, crop_hw
+from furnace.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed
+from furnace.methods import CPSPair, cps_step, mgd_step, supervised_step
+from furnace.models import build_segmentor
+
+LABELED, UNLABELED_0, UNLABELED_1, CUTMIX = 0, 1, 2, 3  # random streams
+
+
+# ----------------------------------------------------------------------------------------------- data
+class EpochSampler(Sampler):
+    """One epoch of one process's samples, each as (index, augmentation key).
+
+    The epoch's global order is a seeded shuffle (repeated as needed) cut into global batches of
+    `global_batch`; process r takes positions r, r + W, r + 2W, ... of each global batch."""
+
+    def __init__(self, n: int, global_batch: int, iters: int, seed: int, stream: int, epoch: int,
+                 rank: int = 0, world_size: int = 1):
+        self.n, self.global_batch, self.iters = n, global_batch, iters
+        self.key = (seed, stream, epoch)
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> Iterator[Tuple[int, Tuple[int, ...]]]:
+        rng = np.random.default_rng(self.key)
+        total = self.iters * self.global_batch
+        order = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(total / self.n))])
+        for pos in range(self.rank, total, self.world_size):
+            yield int(order[pos]), self.key + (pos,)
+
+    def __len__(self) -> int:
+        return self.iters * self.global_batch // self.world_size
+
+
+def stream_loader(dataset: Dataset, C: EasyDict, info: DistInfo, stream: int, epoch: int, iters: int) -> DataLoader:
+    sampler = EpochSampler(len(dataset), C.batch_size, iters, C.seed, stream, epoch, info.rank, info.world_size)
+    return DataLoader(dataset, batch_size=C.batch_size // info.world_size, sampler=sampler,
+                      num_workers=C.num_workers, pin_memory=info.device.type == "cuda", drop_last=False)
+
+
+def cutmix_masks(C: EasyDict, info: DistInfo, iteration: int) -> torch.Tensor:
+    """This process's share of the step's global batch of CutMix masks."""
+    from furnace.data import cutmix_box_mask
+    seed = int(np.random.SeedSequence([C.seed, CUTMIX, iteration]).generate_state(1)[0])
+    h, w = crop_hw(C.crop_size)
+    masks = cutmix_box_mask(C.batch_size, h, w, generator=torch.Generator().manual_seed(seed))
+    return masks[info.rank::info.world_size]
+
+
+def build_datasets(C: EasyDict) -> Dict[str, Dataset]:
+    """The training datasets the method needs, checked file by file before any training."""
+    from furnace.data import build_dataset, check_dataset
+    splits = ["labeled"] + (["unlabeled"] if C.method in ("cps", "mgd") else [])
+    datasets = {s: build_dataset(C, s) for s in splits}
+    for ds in datasets.values():
+        check_dataset(ds)
+    return datasets
+
+
+# ----------------------------------------------------------------------------------------- teachers
+def load_teachers(C: EasyDict, device: torch.device) -> Dict[str, nn.Module]:
+    """The two frozen teachers named in the config, checked before any training."""
+    teachers = {}
+    for role in ("deep", "wide"):
+        path, network = C[f"teacher_{role}"], C[f"teacher_{role}_network"]
+        if not path:
+            raise ValueError(f"config: method 'mgd' needs teacher_{role} (a {network} checkpoint)")
+        ckpt = load_checkpoint(path)
+        teacher = segmentor_from_checkpoint(ckpt, path, network, C.num_classes, role=f"teacher_{role}")
+        trained_on = ckpt.get("config", {})
+        for key in ("dataset", "labeled_list"):
+            if key in trained_on and trained_on[key] != C[key]:
+                raise ValueError(f"teacher_{role} {path} was trained with {key}={trained_on[key]!r}, "
+                                 f"this run has {key}={C[key]!r}")
+        teacher.requires_grad_(False)
+        teacher.train(C.teacher_bn == "train")
+        if C.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        teachers[role] = teacher.to(device)
+    return teachers
+
+
+# ------------------------------------------------------------------------------------ optimisation
+def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
+    """Weight decay on conv and linear weights only; none on BatchNorm parameters and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def poly_lr(C: EasyDict, iteration: int, total: int) -> float:
+    """lr * (1 - it / total) ^ power, after an optional linear warm-up."""
+    if iteration < C.warmup_iters:
+        return C.lr * (iteration + 1) / C.warmup_iters
+    return C.lr * (1 - iteration / total) ** C.lr_power
+
+
+# ---------------------------------------------------------------------------------------- the loop
+class Trainer:
+    """Holds a run's state. `fit()` trains to C.epochs, resuming from the last checkpoint if asked."""
+
+    def __init__(self, C: EasyDict, resume: bool = False):
+        self.C, self.resume = C, resume
+        self.info = init_distributed(C.device)
+        if C.batch_size % self.info.world_size:
+            raise ValueError(f"config: batch_size={C.batch_size} is not divisible by the "
+                             f"{self.info.world_size} processes")
+        if C.amp == "fp16" and self.info.device.type != "cuda":
+            raise ValueError("config: amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
+        self.snapshot_dir = osp.join(C.output_dir, "snapshot")
+        self.log = self._make_logger()
+
+        self.datasets = build_datasets(C)
+        self.teachers = load_teachers(C, self.info.device) if C.method == "mgd" else None
+        torch.manual_seed(C.seed)  # same initialisation on every process
+        if C.method == "cps":
+            model = CPSPair(self._new_network(), self._new_network())
+        else:
+            model = self._new_network()
+        if self.info.distributed:
+            model = convert_sync_batchnorm(model, self.info.device)
+        self.model = model.to(self.info.device)
+        if C.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(param_groups(self.model, C.weight_decay), lr=C.lr, momentum=C.momentum)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=C.amp == "fp16")
+        sizes = [len(d) for d in self.datasets.values()]
+        self.iters_per_epoch = C.iters_per_epoch or max(sizes) // C.batch_size
+        if self.iters_per_epoch < 1:
+            raise ValueError(f"config: batch_size={C.batch_size} exceeds the training set ({max(sizes)} images)")
+        self.total_iters = C.epochs * self.iters_per_epoch
+        self.epoch, self.train_seconds = 0, 0.0
+        if resume:
+            self._restore()
+        self.step_model = self.model
+        if self.info.distributed:
+            self.step_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
+                broadcast_buffers=False)
+
+    def _new_network(self) -> nn.Module:
+        return build_segmentor(self.C.network, self.C.num_classes, pretrained=self.C.pretrained,
+                               output_stride=self.C.output_stride)
+
+    def _make_logger(self) -> logging.Logger:
+        log = logging.getLogger(f"furnace.{self.C.exp_name}.{id(self)}")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        if self.info.is_main:
+            os.makedirs(self.C.output_dir, exist_ok=True)
+            handler = logging.FileHandler(osp.join(self.C.output_dir, "train.log"))
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(handler)
+        return log
+
+    @property
+    def deployable(self) -> nn.Module:
+        """What a checkpoint's 'model' holds: the student, or CPS branch a (the teacher to distil from)."""
+        return self.model.branch_a if isinstance(self.model, CPSPair) else self.model
+
+    def _restore(self) -> None:
+        path = osp.join(self.snapshot_dir, "last.pth")
+        if not osp.isfile(path):
+            self.log.info(f"--resume: no checkpoint at {path}, starting from scratch")
+            return
+        ckpt = load_checkpoint(path)
+        if ckpt.get("method") != self.C.method or ckpt["network"] != self.C.network:
+            raise ValueError(f"--resume: {path} is a {ckpt.get('method')} {ckpt['network']} run, this config "
+                             f"trains {self.C.method} {self.C.network}")
+        if "optimizer" not in ckpt:
+            raise RuntimeError(f"--resume: {path} holds no optimiser state")
+        model_state = ckpt["model"]
+        if isinstance(self.model, CPSPair):
+            model_state = {**{f"branch_a.{k}": v for k, v in ckpt["model"].items()},
+                           **{f"branch_b.{k}": v for k, v in ckpt["model_b"].items()}}
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt.get("scaler", {}))
+        torch.set_rng_state(ckpt["rng"])
+        self.epoch, self.train_seconds = ckpt["epoch"], ckpt["train_seconds"]
+        self.log.info(f"resumed from {path} at epoch {self.epoch}")
+
+    def _save(self) -> None:
+        if not self.info.is_main:
+            return
+        state = {"model": self.deployable.state_dict(), "network": self.C.network,
+                 "num_classes": self.C.num_classes, "method": self.C.method, "epoch": self.epoch,
+                 "iteration": self.epoch * self.iters_per_epoch, "train_seconds": self.train_seconds,
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": torch.get_rng_state(), "config": dict(self.C)}
+        if isinstance(self.model, CPSPair):
+            state["model_b"] = self.model.branch_b.state_dict()
+        if self.epoch % self.C.save_every == 0 or self.epoch == self.C.epochs:
+            save_checkpoint(state, osp.join(self.snapshot_dir, f"epoch-{self.epoch}.pth"))
+        save_checkpoint(state, osp.join(self.snapshot_dir, "last.pth"))
+
+    def _batches(self, epoch: int) -> Iterator[Dict[str, torch.Tensor]]:
+        C, info, n = self.C, self.info, self.iters_per_epoch
+        labeled = stream_loader(self.datasets["labeled"], C, info, LABELED, epoch, n)
+        if C.method == "supervised":
+            for b in labeled:
+                yield {"x_l": b["image"], "y_l": b["label"]}
+            return
+        u0 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_0, epoch, n)
+        u1 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_1, epoch, n)
+        for b, b0, b1 in zip(labeled, u0, u1):
+            yield {"x_l": b["image"], "y_l": b["label"], "u0": b0["image"], "u1": b1["image"]}
+
+    def _step(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        C, dev, world = self.C, self.info.device, self.info.world_size
+        if C.method == "supervised":
+            return supervised_step(self.step_model, batch, C, dev, world)
+        if C.method == "cps":
+            return cps_step(self.step_model, batch, C, dev, world)
+        return mgd_step(self.step_model, self.teachers, batch, C, dev, world)
+
+    def fit(self) -> dict:
+        C, info = self.C, self.info
+        if self.epoch >= C.epochs:
+            self.log.info(f"nothing to do: already trained for {self.epoch} epochs")
+            return self.summary()
+        if info.is_main:
+            self.log.info("config " + json.dumps(C, default=str))
+            from tensorboardX import SummaryWriter
+            writer = SummaryWriter(osp.join(C.output_dir, "tb"))
+        self.model.train()
+        while self.epoch < C.epochs:
+            start = time.time()
+            bar = tqdm(total=self.iters_per_epoch, desc=f"{C.exp_name} {C.method} epoch {self.epoch + 1}/{C.epochs}",
+                       disable=not info.is_main, dynamic_ncols=True, leave=False)
+            for i, batch in enumerate(self._batches(self.epoch)):
+                it = self.epoch * self.iters_per_epoch + i
+                lr = poly_lr(C, it, self.total_iters)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+                if C.method != "supervised":
+                    batch["mask"] = cutmix_masks(C, info, it).to(info.device)
+                loss, terms = self._step(batch)
+                values = self._check_finite(loss, terms, it)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                bar.update()
+                if info.is_main:
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+                    if it % C.log_every == 0:
+                        for k, v in values.items():
+                            writer.add_scalar(f"loss/{k}", v, it)
+                        writer.add_scalar("lr", lr, it)
+            bar.close()
+            self.epoch += 1
+            self.train_seconds += time.time() - start
+            if info.is_main:
+                self.log.info(f"epoch {self.epoch}/{C.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in values.items())
+                              + f" lr={lr:.6f} time={time.time() - start:.1f}s")
+            self._save()
+        if info.is_main:
+            writer.close()
+        return self.summary()
+
+    def _check_finite(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor], it: int) -> Dict[str, float]:
+        """Loss terms averaged over processes; stops every process on a non-finite loss, before the update."""
+        values = torch.stack([loss.detach().float()] + [t.float() for t in terms.values()]).cpu()
+        all_reduce_sum(values)
+        values /= self.info.world_size
+        if not torch.isfinite(values).all():
+            last = osp.join(self.snapshot_dir, "last.pth")
+            kept = f"the last good checkpoint {last} is kept" if osp.isfile(last) else "no checkpoint was written yet"
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in zip(["total", *terms], values.tolist()))
+            raise FloatingPointError(f"non-finite loss at iteration {it} (epoch {self.epoch + 1}): {detail}; "
+                                     f"training stopped, {kept}. Lower lr or check the data.")
+        return dict(zip(["total", *terms], values.tolist()))
+
+    def summary(self) -> dict:
+        return {"checkpoint": osp.join(self.snapshot_dir, "last.pth"), "epochs": self.epoch,
+                "train_seconds": self.train_seconds}
+
+
+def main(C: EasyDict, argv: Optional[List[str]] = None) -> dict:
+    """The body of every experiment's train.py."""
+    parser = argparse.ArgumentParser(description=f"train {C.exp_name} ({C.method})")
+    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/snapshot/last.pth")
+    C, args = config_from_cli(C, parser, argv)
+    trainer = Trainer(C, resume=args.resume)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
