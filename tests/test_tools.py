@@ -1,0 +1,101 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from furnace.data import VOC_PALETTE, normalize
+from furnace.evaluate import predict_probs
+from furnace.models import build_segmentor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A mobilenet_v2 'student' checkpoint (DESIGN.md format) with logits of a trained net's size (~10)."""
+    torch.manual_seed(0)
+    net = build_segmentor("mobilenet_v2", 6).eval()
+    with torch.no_grad():
+        net.classifier.weight.mul_(300.0)  # random init gives tiny logits; scale them to exercise the tolerance
+        assert net(torch.randn(1, 3, 32, 32)).abs().max() > 3
+    path = tmp_path_factory.mktemp("ckpt") / "epoch-3.pth"
+    torch.save(dict(model=net.state_dict(), network="mobilenet_v2", num_classes=6, epoch=3,
+                    config=dict(dataset="voc", eval_crop_size=48)), path)
+    return path, net
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two images of different sizes: a toy val image if the toy set exists, else random; one smaller than the crop."""
+    folder = tmp_path_factory.mktemp("images")
+    toy = sorted((ROOT / "DATA/toy/pascal_voc/val/image").glob("*.jpg"))[:1]
+    rng = np.random.default_rng(0)
+    big = np.asarray(Image.open(toy[0]).convert("RGB")) if toy else rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    Image.fromarray(big).save(folder / "a.jpg")
+    Image.fromarray(rng.integers(0, 256, (30, 41, 3), dtype=np.uint8)).save(folder / "b.png")
+    return folder
+
+
+def test_flops_table(tmp_path, capsys):
+    flops = load_tool("flops")
+    # the counter's convention: a conv counts 2 x MACs
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert flops.count_flops(conv, torch.zeros(1, 3, 10, 10)) == 2 * (3 * 9 * 8) * 100
+    # counting on meta tensors gives the same number as a real forward
+    torch.manual_seed(0)
+    real = build_segmentor("mobilenet_v2", 21).eval()
+    assert flops.count_flops(real, torch.zeros(1, 3, 64, 64)) == flops.measure("mobilenet_v2", (64, 64))["model_flops"]
+    result = flops.main(["--size", "64", "--json", str(tmp_path / "f.json")])
+    out = capsys.readouterr().out
+    assert "| resnet101 / resnet18 |" in out and "GMACs" in out
+    assert json.loads((tmp_path / "f.json").read_text())["ratios"] == result["ratios"]
+    assert len(result["ratios"]) == 4 and all(r["backbone_flops"] > 1 for r in result["ratios"])
+    nets = result["networks"]
+    assert nets["resnet18"]["backbone_params"] < nets["resnet101"]["backbone_params"]
+    assert nets["mobilenet_v2"]["backbone_flops"] < nets["resnet18"]["backbone_flops"] < nets["resnet18"]["model_flops"]
+
+
+def test_export_onnx_matches_pytorch(checkpoint, images, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    export_onnx = load_tool("export_onnx")
+    path, net = checkpoint
+    onnx_path = tmp_path / "student.onnx"
+    assert export_onnx.main(["-p", str(path), "-o", str(onnx_path), "--images", str(images / "a.jpg"),
+                             "--sizes", "40x56"]) == 0
+    assert "largest difference" in capsys.readouterr().out
+    # independent check at two sizes through the dynamic axes
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for x in export_onnx.load_images([images], 2, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)):
+        ref = net(x).detach().numpy()
+        out = session.run(None, {"image": x.numpy()})[0]
+        assert out.shape == ref.shape
+        assert np.abs(ref).max() > 1 and np.abs(out - ref).max() <= 1e-4
+
+
+def test_predict_writes_masks_and_overlays(checkpoint, images, tmp_path):
+    predict = load_tool("predict")
+    path, net = checkpoint
+    out = tmp_path / "out"
+    written = predict.main(["-p", str(path), "-i", str(images), "-o", str(out), "--device", "cpu"])
+    assert sorted(p.name for p in written) == ["a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg"]
+    for name in ("a.jpg", "b.png"):
+        image = np.asarray(Image.open(images / name).convert("RGB"))
+        mask = Image.open(out / f"{Path(name).stem}.png")
+        assert mask.mode == "P" and mask.size == (image.shape[1], image.shape[0])
+        assert np.array_equal(np.array(mask.getpalette(), dtype=np.uint8).reshape(-1, 3)[:256], VOC_PALETTE)
+        x = torch.from_numpy(normalize(image)).permute(2, 0, 1)[None]
+        expected = predict_probs(net, x, "sliding", 48).argmax(1)[0].numpy()  # crop 48 from the checkpoint config
+        assert np.array_equal(np.array(mask), expected)
+        strip = Image.open(out / f"{Path(name).stem}_overlay.jpg")
+        assert strip.size == (3 * image.shape[1] + 2 * 4, image.shape[0])
