@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# VOC 1/8, MobileNet-v2 student, MGD: train (torchrun, NGPUS processes, default 4) then evaluate. Extra arguments are config overrides.
+NGPUS=${NGPUS:-4} exec bash "$(dirname "$0")/../../tools/run_experiment.sh" "$(dirname "$0")" "$@"
