@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average with the horizontally flipped image (default C.eval_flip)")
     p.add_argument("--device", help="auto | cpu | cuda (default C.device)")
     p.add_argument("--log_file", help="default C.output_dir/eval.log")
-    p.add_argument("--json", help="also write the results (list of dicts) to this JSON file")
+    p.add_argument("--json", help="write the results (list of dicts) here (default C.output_dir/eval.json)")
     return p
 
 
@@ -300,8 +300,8 @@ def main(C, argv: Sequence[str] | None = None, dataset=None) -> list[dict]:
     try:
         results = evaluate_checkpoints(C, args.epochs, args.checkpoint, args.save_path, args.mode, args.scales,
                                        args.flip, args.device, args.log_file, dataset)
-        if args.json and (not dist.is_initialized() or dist.get_rank() == 0):
-            with open(args.json, "w") as f:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            with open(args.json or os.path.join(C.output_dir, "eval.json"), "w") as f:
                 json.dump(results, f, indent=1)
         return results
     finally:

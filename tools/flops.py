@@ -17,9 +17,8 @@ import json
 import sys
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from furnace.models import build_segmentor
+from furnace.flops import count_flops, measure
 
 # (preset name, role) of every network in the project
 NETWORKS = [("resnet18", "student"), ("mobilenet_v2", "student"),
@@ -27,24 +26,6 @@ NETWORKS = [("resnet18", "student"), ("mobilenet_v2", "student"),
 STUDENTS, TEACHERS = ["resnet18", "mobilenet_v2"], ["resnet101", "wide_resnet50_2"]
 # ALGORITHM.md "Headline claims": backbone FLOPs compression of the students against the two teachers
 PAPER_BACKBONE_RATIOS = {"resnet18": (3.4, 5.3), "mobilenet_v2": (38.7, 59.6)}
-
-
-def count_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
-    """FLOPs (2 x MACs of conv / matmul) of one forward pass, as torch.utils.flop_counter counts them."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(x)
-    return int(counter.get_total_flops())
-
-
-def measure(network: str, size=(512, 512), num_classes: int = 21, output_stride: int = 16) -> dict:
-    """Parameter counts and FLOPs of the backbone and of the whole DeepLabv3+ on a 1x3xHxW input."""
-    with torch.device("meta"):  # no memory, no compute: the counter only needs shapes
-        model = build_segmentor(network, num_classes, output_stride=output_stride).eval()
-        x = torch.empty(1, 3, *size)
-    return dict(network=network, size=list(size), num_classes=num_classes, output_stride=output_stride,
-                backbone_params=sum(p.numel() for p in model.backbone.parameters()),
-                model_params=sum(p.numel() for p in model.parameters()),
-                backbone_flops=count_flops(model.backbone, x), model_flops=count_flops(model, x))
 
 
 def ratios(rows: dict) -> list[dict]:

@@ -1,0 +1,43 @@
+"""The main job, reduced: every stage of the toy pipeline (CPS teachers, supervised and MGD students)
+runs through the real experiment scripts for one iteration on tiny data, then evaluates and reports."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from furnace.config import REPO_ROOT
+
+
+def test_toy_pipeline_end_to_end(tmp_path):
+    data = tmp_path / "toy"
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "make_toy_data.py"), "--out", str(data),
+                    "--seed", "3", "--num-train", "24", "--num-val", "3"], check=True, capture_output=True)
+    out, img = tmp_path / "runs", tmp_path / "img"
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "tools", "toy_pipeline.py"), "--out", str(out), "--img", str(img),
+           f"data_root={data}/pascal_voc", "epochs=1", "iters_per_epoch=1", "crop_size=32", "batch_size=2",
+           "eval_crop_size=64", "num_workers=0"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+
+    records = json.loads((img / "toy_results.json").read_text())
+    assert [(r["network"], r["method"]) for r in records] == [
+        ("wide_resnet50_2", "cps"), ("resnet101", "cps"), ("resnet18", "supervised"), ("resnet18", "mgd")]
+    for r in records:
+        assert set(r) >= {"network", "method", "miou", "backbone_gflops", "params_m", "train_seconds"}
+        assert math.isfinite(r["miou"]) and 0 <= r["miou"] <= 100
+    # backbone cost ordering of the paper: WRN-50-2 > ResNet-101 > ResNet-18
+    assert records[0]["backbone_gflops"] > records[1]["backbone_gflops"] > records[2]["backbone_gflops"]
+    for exp, tag in [("voc8.wresnet50_deeplabv3plus", "cps"), ("voc8.resnet101_deeplabv3plus", "cps"),
+                     ("voc8.resnet18_deeplabv3plus", "supervised"), ("voc8.resnet18_deeplabv3plus", "mgd")]:
+        ckpt = torch.load(out / exp / tag / "snapshot" / "last.pth", map_location="cpu", weights_only=False)
+        assert ckpt["epoch"] == 1 and ckpt["method"] == tag
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    for name in ("toy_miou_vs_flops.png", "toy_predictions.png"):
+        assert (img / name).stat().st_size > 1000
+
+    # a second run finds everything done and only rebuilds the report
+    again = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    assert again.stdout.count("done earlier") == 4
