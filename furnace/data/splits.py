@@ -50,3 +50,17 @@ def partition_paths(list_dir, denominator: int) -> Tuple[Path, Path]:
     """Where the lists of partition 1/denominator live: lists/labeled_1-8.txt, lists/unlabeled_1-8.txt."""
     list_dir = Path(list_dir)
     return list_dir / f"labeled_1-{denominator}.txt", list_dir / f"unlabeled_1-{denominator}.txt"
+
+
+def write_partitions(names: Sequence[str], list_dir, denominators: Sequence[int] = PARTITIONS,
+                     seed: int = 0) -> List[Path]:
+    """Write labeled_1-d.txt / unlabeled_1-d.txt under list_dir for each denominator d (see partition).
+    Returns the paths written."""
+    written = []
+    for d in denominators:
+        labeled, unlabeled = partition(names, d, seed)
+        lab_path, unl_path = partition_paths(list_dir, d)
+        write_list(lab_path, labeled)
+        write_list(unl_path, unlabeled)
+        written += [lab_path, unl_path]
+    return written
