@@ -24,14 +24,11 @@ METHODS = ("supervised", "cps", "mgd")
 NETWORKS = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v2")
 AMP_MODES = ("off", "bf16", "fp16")
 
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor"]
 
 
 def new_config(dataset: str, exp_file: str) -> EasyDict:
     """Defaults shared by every experiment on `dataset` ('voc' or 'cityscapes')."""
-    from furnace.data.cityscapes_labels import CITYSCAPES_CLASS_NAMES
+    from furnace.data import CITYSCAPES_CLASS_NAMES, VOC_CLASS_NAMES
 
     exp_dir = osp.dirname(osp.abspath(exp_file))
     C = EasyDict()
@@ -45,7 +42,7 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
         C.data_root = "{root}/DATA/pascal_voc"
         C.train_list = "{data_root}/lists/train_aug.txt"
         C.num_classes = 21
-        C.class_names = VOC_CLASSES
+        C.class_names = VOC_CLASS_NAMES
         C.crop_size = 512
     elif dataset == "cityscapes":
         C.data_root = "{root}/DATA/city"

@@ -18,6 +18,7 @@ from easydict import EasyDict
 from furnace.config import REPO_ROOT, collect_overrides, resolve
 
 TOY_CFG = osp.join(REPO_ROOT, "exp.voc", "toy.cfg")
+TOY_TEACHERS_CFG = osp.join(REPO_ROOT, "exp.voc", "toy_teachers.cfg")
 DEEP_EXP, WIDE_EXP = "voc8.resnet101_deeplabv3plus", "voc8.wresnet50_deeplabv3plus"
 
 
@@ -28,6 +29,11 @@ class Stage:
     tag: str                        # output subfolder: <out_root>/<experiment>/<tag>
     overrides: List[str] = field(default_factory=list)
     role: str = "student"           # 'teacher' or 'student'
+
+    @property
+    def cfg_files(self) -> List[str]:
+        """The toy overrides; teachers add their longer schedule."""
+        return [TOY_CFG, TOY_TEACHERS_CFG] if self.role == "teacher" else [TOY_CFG]
 
 
 def main_stages() -> List[Stage]:
@@ -60,7 +66,7 @@ def stage_overrides(stage: Stage, out_root: str, extra: Sequence[str] = ()) -> L
 def run_stage(stage: Stage, out_root: str, extra: Sequence[str] = (), nproc: int = 1) -> dict:
     """Train and evaluate one stage (skipping what is already done); its result record."""
     overrides = stage_overrides(stage, out_root, extra)
-    C = load_experiment_config(stage.experiment, overrides)
+    C = load_experiment_config(stage.experiment, overrides, stage.cfg_files)
     last = osp.join(C.output_dir, "snapshot", "last.pth")
     results = osp.join(C.output_dir, "eval.json")
     done = osp.isfile(results) and osp.isfile(last) and osp.getmtime(results) > osp.getmtime(last)
@@ -69,7 +75,8 @@ def run_stage(stage: Stage, out_root: str, extra: Sequence[str] = (), nproc: int
         script = osp.join(REPO_ROOT, "exp.voc", stage.experiment, "script.sh")
         env = dict(os.environ, NGPUS=str(nproc))
         env.pop("EVAL_EPOCHS", None)
-        subprocess.run(["bash", script, "--cfg", TOY_CFG, *overrides], env=env, check=True)
+        cfg_args = [arg for path in stage.cfg_files for arg in ("--cfg", path)]
+        subprocess.run(["bash", script, *cfg_args, *overrides], env=env, check=True)
     else:
         print(f"=== {stage.label}: done earlier ({C.output_dir})", flush=True)
     return record(stage, C)

@@ -6,7 +6,7 @@
 VOC toy (DATA/toy/pascal_voc): 6 classes = background + 5 shapes (disc, rectangle, triangle, cross, ring).
 A class is told apart by its shape AND its texture (stripes, checkerboard, dots, waves, speckle), never by
 its colour: objects of all classes draw vivid colours from one distribution (the muted background makes them
-stand out). 10% of objects wear another class's texture and some background blobs carry faint class
+stand out). 5% of objects wear another class's texture and some background blobs carry faint class
 textures, so texture alone is not enough and shape (context) counts.
 Train labels are palette PNGs (SegmentationClass style), val labels single-channel PNGs (SegmentationClassAug
 style); a 2-px band of 255 marks object borders, as in VOC.
@@ -27,7 +27,8 @@ from furnace.data.cityscapes_labels import LABEL_ID_TO_TRAIN_ID
 from furnace.data.splits import PARTITIONS
 
 VOC_CLASSES = ["background", "disc", "rectangle", "triangle", "cross", "ring"]
-TEXTURE_SWAP_P = 0.1  # chance that an object wears the texture of another class
+TEXTURE_SWAP_P = 0.05  # chance that an object wears the texture of another class
+BLOB_TEXTURE_P = 0.15  # chance that a background distractor blob carries a faint class texture
 CITY_IDS = dict(unlabeled=0, ego=1, static=4, road=7, sidewalk=8, building=11, pole=17, vegetation=21,
                 sky=23, person=24, car=26)
 
@@ -121,7 +122,7 @@ def voc_sample(rng):
                  (img.mean((0, 1)) + rng.uniform(-40, 40, 3)).tolist(), int(rng.integers(1, 3)))
     for _ in range(rng.integers(1, 4)):
         m = blob_mask(h, w, rng)
-        fill = texture(int(rng.integers(1, 6)), h, w, rng, vivid=False) if rng.random() < 0.3 else colour(rng, False)
+        fill = texture(int(rng.integers(1, 6)), h, w, rng, vivid=False) if rng.random() < BLOB_TEXTURE_P else colour(rng, False)
         img = np.where(m[..., None], fill, img)
     # objects, painted in order (later ones occlude earlier ones)
     label = np.zeros((h, w), np.uint8)

@@ -36,12 +36,9 @@ from furnace.data.prepare_utils import (PrepareError, Source, TaskPool, add_comm
                                         expected_or_none, incomplete_error, png_complete, read_index_png, save_index_png,
                                         save_manifest, try_skip, write_bytes_atomic, write_lists_and_partitions,
                                         parse_names)
+from furnace.data import VOC_CLASS_NAMES
 from furnace.data.splits import PARTITIONS
 
-VOC_CLASS_NAMES = [
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]
 NUM_CLASSES = len(VOC_CLASS_NAMES)
 TRAIN_AUG_SIZE, VAL_SIZE = 10582, 1449
 VOC_HINT = "download VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"

@@ -1,0 +1,96 @@
+"""The toy comparison over several seeds, with the MobileNet-v2 student and an ablation of each MGD loss.
+
+    python tools/toy_benchmark.py --seeds 3 [--shared-teachers] [--out runs/toy_bench] [key=value ...]
+
+Per seed (model initialisation, sampling and CutMix all follow `seed`): the two CPS teachers, then
+ResNet-18 and MobileNet-v2 students supervised-only and with MGD, then ResNet-18 MGD without each loss
+term. --shared-teachers trains the teachers once (first seed) and reuses them for every seed, which
+measures the students' spread only but costs a third of the time. Writes <out>/benchmark.md and
+img/toy_benchmark.json (mean and standard deviation of mIoU per configuration). Resumable like the
+main job.
+"""
+import argparse
+import json
+import os.path as osp
+import statistics
+from typing import Dict, List
+
+from furnace.config import REPO_ROOT
+from furnace.toy import DEEP_EXP, WIDE_EXP, Stage, run_stage
+
+R18, MBV2 = "voc8.resnet18_deeplabv3plus", "voc8.mobilev2_deeplabv3plus"
+
+
+def benchmark_stages() -> List[Stage]:
+    return [
+        Stage("WRN-50-2 teacher (CPS)", WIDE_EXP, "cps", role="teacher"),
+        Stage("ResNet-101 teacher (CPS)", DEEP_EXP, "cps", role="teacher"),
+        Stage("ResNet-18 supervised", R18, "supervised", ["method=supervised"]),
+        Stage("ResNet-18 MGD", R18, "mgd"),
+        Stage("MobileNet-v2 supervised", MBV2, "supervised", ["method=supervised"]),
+        Stage("MobileNet-v2 MGD", MBV2, "mgd"),
+        Stage("ResNet-18 MGD w/o pixel-level", R18, "mgd-no-pixel",
+              ["pixel_unlabeled_weight=0", "pixel_labeled_weight=0"]),
+        Stage("ResNet-18 MGD w/o image-level", R18, "mgd-no-semantic", ["semantic_weight=0"]),
+        Stage("ResNet-18 MGD w/o region-level", R18, "mgd-no-region", ["region_weight=0"]),
+    ]
+
+
+def summarise(runs: Dict[int, List[dict]]) -> List[dict]:
+    """Mean and standard deviation of mIoU over seeds, per configuration (in stage order)."""
+    rows = []
+    for i, first in enumerate(next(iter(runs.values()))):
+        values = [records[i]["miou"] for records in runs.values()]
+        rows.append({"label": first["label"], "network": first["network"], "method": first["method"],
+                     "miou_mean": statistics.mean(values),
+                     "miou_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     "miou_per_seed": values, "backbone_gflops": first["backbone_gflops"]})
+    return rows
+
+
+def format_summary(rows: List[dict], seeds: List[int], shared_teachers: bool) -> str:
+    lines = [f"mIoU (%) on the toy val set over seeds {seeds}"
+             + (" (teachers of the first seed shared)" if shared_teachers else ""), "",
+             "| configuration | backbone GFLOPs | mIoU mean | std | per seed |", "|---|--:|--:|--:|---|"]
+    for r in rows:
+        per_seed = ", ".join(f"{v:.1f}" for v in r["miou_per_seed"])
+        lines.append(f"| {r['label']} | {r['backbone_gflops']:.1f} | {r['miou_mean']:.2f} | {r['miou_std']:.2f} "
+                     f"| {per_seed} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    parser.add_argument("--shared-teachers", action="store_true", help="train the teachers for the first seed only")
+    parser.add_argument("--out", default=osp.join(REPO_ROOT, "runs", "toy_bench"))
+    parser.add_argument("--img", default=osp.join(REPO_ROOT, "img"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every stage")
+    args = parser.parse_args(argv)
+    seeds = list(range(args.seeds))
+    runs = {}
+    for seed in seeds:
+        out = osp.join(args.out, f"seed{seed}")
+        teacher_out = osp.join(args.out, f"seed{seeds[0]}") if args.shared_teachers else out
+        records = []
+        for stage in benchmark_stages():
+            root = teacher_out if stage.role == "teacher" else out
+            # students read the teachers from teacher_out, whatever their own output folder
+            extra = [f"seed={seed}", *args.overrides,
+                     f"teacher_deep={teacher_out}/{DEEP_EXP}/cps/snapshot/last.pth",
+                     f"teacher_wide={teacher_out}/{WIDE_EXP}/cps/snapshot/last.pth"]
+            if stage.role == "teacher" and args.shared_teachers:
+                extra[0] = f"seed={seeds[0]}"
+            records.append(run_stage(stage, root, extra))
+        runs[seed] = records
+    rows = summarise(runs)
+    table = format_summary(rows, seeds, args.shared_teachers)
+    print("\n" + table)
+    with open(osp.join(args.out, "benchmark.md"), "w") as f:
+        f.write(table + "\n")
+    with open(osp.join(args.img, "toy_benchmark.json"), "w") as f:
+        json.dump({"seeds": seeds, "shared_teachers": args.shared_teachers, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
