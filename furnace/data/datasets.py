@@ -178,10 +178,12 @@ class CityscapesDataset(SegmentationDataset):
         return LABEL_ID_TO_TRAIN_ID[raw]
 
 
-def _check_item(ds: SegmentationDataset, name: str, check_labels: bool) -> Optional[str]:
+def _check_item(ds: SegmentationDataset, name: str, check_labels: bool, decode_images: bool = True) -> Optional[str]:
     """The problem with one item as a message naming the file, or None."""
     try:
-        size = image_size(ds.image_path(name))  # header only: fast
+        # A truncated JPEG (an interrupted copy) has an intact header: only decoding it finds the damage.
+        path = ds.image_path(name)
+        size = read_image(path).shape[:2] if decode_images else image_size(path)
         if ds.mode != "unlabeled" and check_labels:
             label = ds.load_label(name)
             if label.shape != size:
@@ -195,14 +197,15 @@ def _check_item(ds: SegmentationDataset, name: str, check_labels: bool) -> Optio
 
 
 def check_dataset(ds: SegmentationDataset, check_labels: bool = True, workers: Optional[int] = None,
-                  max_report: int = 20) -> int:
-    """Scan all items before training: each image exists and has a readable header; unless the dataset is
-    in unlabeled mode, each label exists, is readable, has the image's size and holds only values in
-    [0, num_classes) or 255 (check_labels=False only checks that label files exist).
+                  max_report: int = 20, decode_images: bool = True) -> int:
+    """Scan all items before training: each image exists and decodes (decode_images=False: only its header
+    is read, faster but blind to truncated files); unless the dataset is in unlabeled mode, each label
+    exists, is readable, has the image's size and holds only values in [0, num_classes) or 255
+    (check_labels=False only checks that label files exist).
     Raises DatasetError listing the problems (each naming its file); returns the number of items."""
     workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL/zlib decoding releases the GIL
-        problems = [p for p in pool.map(lambda n: _check_item(ds, n, check_labels), ds.names) if p]
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # OpenCV/PIL/zlib decoding releases the GIL
+        problems = [p for p in pool.map(lambda n: _check_item(ds, n, check_labels, decode_images), ds.names) if p]
     if problems:
         shown = "\n  ".join(problems[:max_report])
         more = f"\n  ... and {len(problems) - max_report} more" if len(problems) > max_report else ""
