@@ -4,12 +4,17 @@ A step gets the models and one batch (dict: x_l, y_l labeled; u0, u1 unlabeled; 
 1 where u1 is pasted into u0) and returns (total loss, {term name: detached value}).
 Loss weights come from the config; a term whose weight is 0 is not computed.
 """
+import copy
+import itertools
+import weakref
 from contextlib import nullcontext
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 from easydict import EasyDict
+from torch.fx.experimental.optimization import fuse as fx_fuse
 
 from furnace.distributed import all_reduce_sum
 from furnace.losses import (ce_loss, combine_cutmix, content_aware_loss, count_valid, ohem_ce,
@@ -88,16 +93,86 @@ class CPSPair(nn.Module):
         return self.branch_a(x), self.branch_b(x)
 
 
+# ------------------------------------------------------------------------------ frozen-teacher inference
+# An eval-mode teacher computes y = BN(conv(x)) with fixed statistics, an affine map per channel that can be
+# folded into the convolution once: W' = W * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta.
+# The folded copy skips one full read and write of every activation per BatchNorm and gives the same logits
+# up to float rounding. It is built on first use (a second or so), kept per teacher and memory format
+# (weakly, so it goes away with the teacher) and rebuilt when any of the teacher's tensors changes
+# (load_state_dict, .to()). Measured on a 2-core AVX2 CPU, crop 321 (tools/benchmark.py): folding alone
+# 1.2-1.3x, folding in channels_last (NHWC, oneDNN's native layout: no reorder around each convolution)
+# 1.7-2.1x faster than the plain NCHW teacher, same argmax.
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, Dict[bool, Tuple[tuple, Optional[nn.Module]]]]" = \
+    weakref.WeakKeyDictionary()
+_FOLD_CHECK_SIZE = 64  # side of the one small input on which a new folded copy is checked against the teacher
+# Device types on which the folded copy runs NHWC even when the caller did not ask for channels_last (CPU:
+# measured faster, see above; CUDA keeps the caller's choice, C.channels_last).
+_INFERENCE_NHWC = {"cpu"}
+
+
+def _tensors_key(module: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced, moved or modified in place."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+@torch.no_grad()
+def fold_batchnorm(teacher: nn.Module, channels_last: bool = False) -> Optional[nn.Module]:
+    """A copy of an eval-mode segmentor with every BatchNorm that directly follows a convolution folded into
+    that convolution; called as copy(x, True) it returns teacher(x, return_features=True).
+
+    Uses torch.fx (symbolic trace, then conv-BN fusion). Returns None when the network cannot be traced or
+    the copy does not reproduce the teacher on a small check input (relative max difference > 1e-4)."""
+    try:
+        traced = fx.symbolic_trace(copy.deepcopy(teacher), concrete_args={"return_features": True})
+        folded = fx_fuse(traced, inplace=True, no_trace=True).eval()
+    except Exception:  # noqa: BLE001 -- any untraceable network simply keeps the plain path
+        return None
+    if channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+    p = next(teacher.parameters())
+    x = torch.randn(1, 3, _FOLD_CHECK_SIZE, _FOLD_CHECK_SIZE, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=p.device, dtype=p.dtype)
+    want, got = teacher(x, return_features=True)["logits"], folded(x, True)["logits"]
+    if not torch.allclose(got, want, rtol=0, atol=1e-4 * float(want.abs().max().clamp(min=1))):
+        return None
+    return folded
+
+
+def folded_teacher(teacher: nn.Module, channels_last: bool) -> Optional[nn.Module]:
+    """The cached BN-folded copy of `teacher` (NHWC weights if channels_last), or None if the teacher (any of
+    its modules) is in train mode or cannot be folded."""
+    if any(m.training for m in teacher.modules()):
+        return None  # batch statistics (teacher_bn='train'): nothing fixed to fold
+    key = _tensors_key(teacher)
+    per_format = _FOLDED.setdefault(teacher, {})
+    cached = per_format.get(channels_last)
+    if cached is None or cached[0] != key:
+        cached = per_format[channels_last] = (key, fold_batchnorm(teacher, channels_last))
+    return cached[1]
+
+
 @torch.no_grad()
 def teacher_predict(teacher: nn.Module, x: torch.Tensor, amp: str, with_decoder: bool,
-                    channels_last: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A frozen teacher on all of its inputs in one call: (fp32 logits, decoder feature or None)."""
-    if channels_last:
+                    channels_last: bool = False, fold_bn: bool = True
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A frozen teacher on all of its inputs in one call: (fp32 logits, decoder feature or None).
+
+    No autograd state is kept (no_grad; the teachers' parameters do not require gradients). In eval mode,
+    and with fold_bn, the teacher's BatchNorms are folded into its convolutions (see fold_batchnorm) and
+    that copy runs NHWC when `channels_last` or on CPU (measured faster there); otherwise the teacher runs
+    as it is, NHWC if `channels_last`. `amp` is the autocast mode ('off', 'bf16', 'fp16')."""
+    fast = None
+    if fold_bn and x.device.type != "meta":
+        nhwc = channels_last or x.device.type in _INFERENCE_NHWC
+        fast = folded_teacher(teacher, nhwc)
+    if fast is None:
+        nhwc = channels_last
+    if nhwc:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(x.device, amp):
-        out = teacher(x, return_features=with_decoder)
-    if with_decoder:
-        return out["logits"].float(), out["decoder"].float()
+        out = fast(x, True) if fast is not None else teacher(x, return_features=with_decoder)
+    if isinstance(out, dict):
+        return out["logits"].float(), (out["decoder"].float() if with_decoder else None)
     return out.float(), None
 
 

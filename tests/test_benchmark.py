@@ -1,0 +1,168 @@
+"""tools/benchmark.py in its CI size, and the teacher inference path it measures (furnace.methods.teacher_predict).
+
+Timings are never asserted (the machine may be loaded); gradients, FLOP counts, keys and agreement are."""
+import copy
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from easydict import EasyDict
+
+from furnace.config import new_config
+from furnace.methods import _FOLDED, fold_batchnorm, folded_teacher, mgd_step, teacher_predict
+from furnace.models import build_segmentor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return load_tool("benchmark")
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_toy_data.py"), "--out", str(out), "--num-train", "24",
+                    "--num-val", "2", "--num-city-train", "2", "--num-city-val", "2"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return out / "pascal_voc"
+
+
+def random_bn(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so that folding them changes the weights."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    return net
+
+
+def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = benchmark.main(["--tiny", "--data-root", str(toy_root), "--json", str(out)])
+    saved = json.loads(out.read_text())
+    for key in ("speedup_vs_published", "speedup_same_precision", "utilization", "grad_max_rel_diff",
+                "flops_per_step", "peak_matmul", "teacher_inference", "steps", "loader", "eval", "env"):
+        assert key in saved, key
+    # the published schedule and ours give the student the same gradient (teachers in the same BN mode)
+    assert saved["grad_max_rel_diff"] < 1e-4
+    check = saved["gradient_check"]
+    assert check["grad_max_abs"] > 0
+    assert check["loss_terms_max_abs_diff"] < 1e-4
+    assert set(check["loss_terms_published"]) - set(check["loss_terms_ours"]) == {"reverse"}
+    # FLOPs: the published step does exactly two extra student forwards (u0 and u1, no gradient)
+    flops = load_tool("flops")
+    with torch.device("meta"):
+        student = build_segmentor("mobilenet_v2", 21).train()
+        extra = flops.count_flops(student, torch.empty(2 * 2, 3, 32, 32))
+    assert saved["flops_per_step"]["published"] - saved["flops_per_step"]["ours"] == extra
+    for name in ("ours", "published"):
+        sec = saved["steps"][name]["seconds"]
+        assert set(sec) == {"data", "teacher", "student_forward", "backward", "optimizer", "step"}
+        assert all(v >= 0 for v in sec.values()) and sec["teacher"] > 0
+        assert math.isclose(sec["step"], saved["steps"][name]["all_step_seconds"][0])
+        assert saved["steps"][name]["images_per_second"] > 0
+    assert saved["speedup_vs_published"] > 0 and saved["speedup_same_precision"] > 0 and saved["utilization"] > 0
+    assert saved["ours_choice"]["precision"] in ("fp32", "bf16")
+    # low-precision teacher predictions stay close to fp32 (random nets, so only loosely)
+    for role in ("deep", "wide"):
+        variants = saved["teacher_inference"][role]
+        for name in ("fp32 BN folded, NCHW", "fp32 BN folded, channels_last", "teacher_predict fp32 (comparison for low precision)"):
+            assert variants[name]["argmax_agreement"] > 0.999, name
+        assert variants["teacher_predict bf16 autocast"]["argmax_agreement"] > 0.9
+    assert set(saved["student_memory_format"]) == {"NCHW", "channels_last"}
+    assert saved["eval"]["probs_on_device"] and saved["eval"]["windows"] == 9
+    assert saved["loader"]["images_per_second"] > 0
+    assert result["grad_max_rel_diff"] == saved["grad_max_rel_diff"]
+    assert "speedup_vs_published" in capsys.readouterr().out
+
+
+def test_published_step_same_gradient_as_ours(benchmark):
+    """Direct check on hand-made data, every loss term on, student in eval mode."""
+    torch.manual_seed(0)
+    C = EasyDict(dict(new_config("voc", __file__), num_classes=5, amp="off", channels_last=False))
+    student = build_segmentor("mobilenet_v2", 5).eval()
+    teachers = {r: random_bn(build_segmentor("resnet18", 5), i).eval().requires_grad_(False)
+                for i, r in enumerate(("deep", "wide"))}
+    g = torch.Generator().manual_seed(1)
+    batch = dict(x_l=torch.randn(2, 3, 40, 40, generator=g), u0=torch.randn(3, 3, 40, 40, generator=g),
+                 u1=torch.randn(3, 3, 40, 40, generator=g), y_l=torch.randint(0, 5, (2, 40, 40), generator=g),
+                 mask=(torch.rand(3, 1, 40, 40, generator=g) > 0.5).float())
+    batch["y_l"][:, :4] = 255
+    grads = []
+    for step in (mgd_step, benchmark.published_mgd_step):
+        student.zero_grad()
+        loss, terms = step(student, teachers, batch, C, torch.device("cpu"))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()
+    assert terms["reverse"] > 0  # the published reverse terms are there, and carry no gradient
+
+
+def test_teacher_predict_folds_batchnorm_exactly():
+    torch.manual_seed(0)
+    teacher = random_bn(build_segmentor("resnet18", 7)).eval().requires_grad_(False)
+    folded = fold_batchnorm(teacher)
+    assert folded is not None
+    n_bn = [sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) for net in (teacher, folded)]
+    assert n_bn[1] <= 2 < n_bn[0]  # only ASPP's BNs after a concatenation / a sum stay
+    x = torch.randn(3, 3, 45, 61)  # another size than the check input of fold_batchnorm
+    with torch.no_grad():
+        want = teacher(x, return_features=True)
+    # the folded copies themselves, in both memory formats
+    for channels_last in (False, True):
+        got = folded_teacher(teacher, channels_last)(x, True)
+        for key in ("logits", "decoder"):
+            assert torch.allclose(got[key], want[key], rtol=1e-4, atol=1e-4 * want[key].abs().max())
+    # teacher_predict (which picks the format: NHWC on CPU)
+    for channels_last in (False, True):
+        logits, decoder = teacher_predict(teacher, x, "off", True, channels_last=channels_last)
+        assert logits.shape == (3, 7, 45, 61) and decoder.shape == want["decoder"].shape
+        assert torch.allclose(logits, want["logits"], rtol=1e-4, atol=1e-4 * want["logits"].abs().max())
+        assert torch.allclose(decoder, want["decoder"], rtol=1e-4, atol=1e-4 * want["decoder"].abs().max())
+        assert (logits.argmax(1) == want["logits"].argmax(1)).float().mean() > 0.999
+        assert not logits.requires_grad
+    logits, nothing = teacher_predict(teacher, x, "off", False)
+    assert nothing is None and logits.shape == (3, 7, 45, 61)
+
+
+def test_teacher_predict_follows_weight_changes_and_train_mode():
+    torch.manual_seed(0)
+    teacher = random_bn(build_segmentor("mobilenet_v2", 4)).eval().requires_grad_(False)
+    x = torch.randn(2, 3, 33, 33)
+    first = teacher_predict(teacher, x, "off", False)[0]
+    (built_key, built), = _FOLDED[teacher].values()  # one copy, in the format teacher_predict chose
+    assert built is not None
+    teacher_predict(teacher, x, "off", False)
+    assert next(iter(_FOLDED[teacher].values()))[1] is built  # cached
+    # new weights (load_state_dict copies in place): the folded copy must be rebuilt
+    other = random_bn(build_segmentor("mobilenet_v2", 4), seed=5)
+    teacher.load_state_dict(other.state_dict())
+    second = teacher_predict(teacher, x, "off", False)[0]
+    assert next(iter(_FOLDED[teacher].values()))[1] is not built
+    with torch.no_grad():
+        assert torch.allclose(second, other.eval()(x), atol=1e-4 * second.abs().max())
+    assert not torch.allclose(first, second)
+    # train-mode BN (teacher_bn='train') uses batch statistics: never folded, same as calling the teacher
+    teacher.train()
+    ref = copy.deepcopy(teacher)
+    got = teacher_predict(teacher, x, "off", False)[0]
+    with torch.no_grad():
+        assert torch.allclose(got, ref(x), atol=1e-5 * got.abs().max())
