@@ -2,7 +2,6 @@
 
 Timings are never asserted (the machine may be loaded); gradients, FLOP counts, keys and agreement are."""
 import copy
-import importlib.util
 import json
 import math
 import subprocess
@@ -16,15 +15,9 @@ from easydict import EasyDict
 from furnace.config import new_config
 from furnace.methods import _FOLDED, fold_batchnorm, folded_teacher, mgd_step, teacher_predict
 from furnace.models import build_segmentor
+from trainkit import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

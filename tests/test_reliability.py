@@ -30,19 +30,11 @@ from furnace.evaluate import main as evaluate_main
 from furnace.metrics import confusion_matrix
 from furnace.models import build_segmentor
 from trainkit import (EXP, NUM_CLASSES, PYTHON, ROOT, TORCHRUN, TOY_CLASSES, assert_bitwise_equal, clean_env,
-                      driver_command, exp_config, load, make_teacher, overrides, run_driver, toy_root,
-                      torch_threads, train_in_process)
+                      driver_command, exp_config, load, make_teacher, overrides, run_driver,
+                      train_in_process)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return toy_root(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread and toy: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

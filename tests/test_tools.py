@@ -1,4 +1,3 @@
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,15 +9,9 @@ from PIL import Image
 from furnace.data import VOC_PALETTE, normalize
 from furnace.evaluate import predict_probs
 from furnace.models import build_segmentor
+from trainkit import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -16,22 +16,14 @@ from furnace.config import collect_overrides, resolve
 from furnace.engine import Trainer, cutmix_masks
 from furnace.models import build_segmentor
 from trainkit import (EXP, NUM_CLASSES, TORCHRUN, assert_bitwise_equal, clean_env, exp_config, load, overrides,
-                      tensors, toy_root, torch_threads, train_in_process)
+                      tensors, train_in_process)
 
 STUDENT_KEYS = set(build_segmentor("mobilenet_v2", NUM_CLASSES).state_dict())
 CHECKPOINT_KEYS = {"model", "network", "num_classes", "method", "epoch", "iteration", "train_seconds",
                    "optimizer", "scaler", "rng", "config"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return toy_root(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread and toy: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

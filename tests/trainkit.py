@@ -33,6 +33,15 @@ NUM_CLASSES = len(TOY_CLASSES)
 
 
 # ------------------------------------------------------------------------------------------ test helpers
+def load_tool(name: str):
+    """A script of tools/ imported as a module (tools/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_toy_data(out: Path, num_train: int = 24, num_val: int = 5) -> Path:
     """The toy VOC set (tools/make_toy_data.py) under `out`; returns its pascal_voc root."""
     subprocess.run([PYTHON, str(ROOT / "tools" / "make_toy_data.py"), "--out", str(out), "--seed", "0",
