@@ -77,7 +77,8 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
     # low-precision teacher predictions stay close to fp32 (random nets, so only loosely)
     for role in ("deep", "wide"):
         variants = saved["teacher_inference"][role]
-        for name in ("fp32 BN folded, NCHW", "fp32 BN folded, channels_last", "teacher_predict fp32 (comparison for low precision)"):
+        for name in ("fp32 BN folded, NCHW", "fp32 BN folded, channels_last",
+                     "teacher_predict fp32 (comparison for low precision)"):
             assert variants[name]["argmax_agreement"] > 0.999, name
         assert variants["teacher_predict bf16 autocast"]["argmax_agreement"] > 0.9
     assert set(saved["student_memory_format"]) == {"NCHW", "channels_last"}

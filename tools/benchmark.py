@@ -16,10 +16,11 @@ does not depend on the weights; the argmax agreement of low-precision teachers d
              The fastest precision and memory format become "ours" (--precision auto, --channels-last auto).
   flops      FLOPs of one step, forward and backward, from torch.utils.flop_counter on 'meta' tensors
              (2 x multiply-accumulates of convolutions and matrix products; nothing is computed).
-  gradient   published and ours on one batch (cut to --grad-crop), teachers in the same (eval) BN mode, fp32, the student in eval
-             mode: the student gradients must agree (grad_max_rel_diff). The student is in eval mode because
-             ours runs x_l and u_m through the student in ONE call, so train-mode BatchNorm statistics (and
-             therefore the gradients) legitimately differ from the published separate calls.
+  gradient   published and ours on one batch (cut to --grad-crop), teachers in the same (eval) BN mode, fp32,
+             the student in eval mode: the student gradients must agree (grad_max_rel_diff). The student is
+             in eval mode because ours runs x_l and u_m through the student in ONE call, so train-mode
+             BatchNorm statistics (and therefore the gradients) legitimately differ from the published
+             separate calls.
   steps      ours (furnace.methods.mgd_step) and published (published_mgd_step below) on batches from the real
              dataset readers (the training transform at the crop, config's num_workers, three streams as in
              the Trainer), interleaved step by step so both see the same machine load; median over --repeats
@@ -115,7 +116,8 @@ def published_mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch
         terms["pix_u"] = C.pixel_unlabeled_weight * (pseudo_label_ce(s_m, (deep["u0"], deep["u1"]), mask)
                                                      + pseudo_label_ce(s_m, (wide["u0"], wide["u1"]), mask))
     if C.pixel_labeled_weight > 0:
-        terms["pix_l"] = C.pixel_labeled_weight * (pseudo_label_ce(s_l, deep["x_l"]) + pseudo_label_ce(s_l, wide["x_l"]))
+        terms["pix_l"] = C.pixel_labeled_weight * (pseudo_label_ce(s_l, deep["x_l"])
+                                                   + pseudo_label_ce(s_l, wide["x_l"]))
     if C.semantic_weight > 0:
         terms["semantic"] = C.semantic_weight * C.semantic_batch * semantic_sensitive_loss(s_m, deep["u_m"]) / n_u
     if C.region_weight > 0:
@@ -272,7 +274,9 @@ def probe_teacher(teacher: nn.Module, x: torch.Tensor, device: torch.device, pre
             if net is None:
                 raise RuntimeError(f"{type(teacher).__name__} could not be BN-folded (torch.fx trace or check failed)")
             with torch.no_grad():
-                return net(inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs, True)["logits"]
+                if channels_last:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                return net(inputs, True)["logits"]
         return fn
 
     ref = "fp32 plain (no_grad, NCHW)"
@@ -429,7 +433,8 @@ class Schedule:
 
     def __init__(self, name: str, student: nn.Module, teachers: Dict[str, nn.Module], C: EasyDict,
                  step: Callable, device: torch.device):
-        self.name, self.student, self.teachers, self.C, self.step, self.device = name, student, teachers, C, step, device
+        self.name, self.student, self.teachers, self.C, self.step = name, student, teachers, C, step
+        self.device = device
         self.optimizer = torch.optim.SGD(param_groups(student, C.weight_decay), lr=C.lr, momentum=C.momentum)
         self.records: List[Dict[str, float]] = []
         self.peak_mb: List[float] = []
@@ -512,7 +517,8 @@ def ensure_toy_data(path: Optional[str]) -> str:
     """A toy VOC root: `path` if given (must exist), DATA/toy/pascal_voc if present, else generated in /tmp."""
     if path:
         if not osp.isdir(path):
-            raise FileNotFoundError(f"--data-root {path} does not exist (make one: python tools/make_toy_data.py --out DIR)")
+            raise FileNotFoundError(f"--data-root {path} does not exist "
+                                    "(make one: python tools/make_toy_data.py --out DIR)")
         return path
     default = osp.join(ROOT, "DATA", "toy", "pascal_voc")
     if osp.isdir(default):
@@ -682,7 +688,8 @@ def main(argv=None) -> dict:
         cl = student_probe["channels_last"] < student_probe["NCHW"]
         why_cl = ("fastest measured student forward+backward (C.channels_last sets the student's format; the "
                   "BN-folded teachers run NHWC on CPU whatever it is)" if device.type == "cpu" else
-                  "fastest measured student forward+backward (C.channels_last sets the student's and the teachers' format)")
+                  "fastest measured student forward+backward (C.channels_last sets the student's and the "
+                  "teachers' format)")
     else:
         cl, why_cl = args.channels_last == "on", "set by --channels-last"
     if precision == "fp16" and device.type != "cuda":
@@ -715,7 +722,8 @@ def main(argv=None) -> dict:
     fmt = torch.channels_last if cl else torch.contiguous_format
     ours_teachers = teachers
     pub_teachers = {r: copy.deepcopy(t).train() for r, t in teachers.items()}
-    schedules = [Schedule("ours", copy.deepcopy(student).to(memory_format=fmt), ours_teachers, C_ours, mgd_step, device),
+    schedules = [Schedule("ours", copy.deepcopy(student).to(memory_format=fmt), ours_teachers, C_ours, mgd_step,
+                          device),
                  Schedule("published", copy.deepcopy(student), pub_teachers, C_pub, published_mgd_step, device)]
     if precision != "fp32":  # same-precision comparison
         schedules.append(Schedule("ours_fp32", copy.deepcopy(student), {r: t for r, t in ours_teachers.items()},
@@ -796,7 +804,8 @@ def format_table(R: dict) -> str:
         fl = R["flops_per_step"]["published" if name == "published" else "ours"]
         util = fl / sec["step"] / (R["peak_matmul"][prec]["gflops"] * 1e9)
         mem = f"{s['peak_memory_mb']:.0f} | {s['step_memory_mb']:.0f}" if s["peak_memory_mb"] is not None else "- | -"
-        lines.append(f"| {name} | {prec}, student {'NHWC' if s['channels_last'] else 'NCHW'}, teacher BN {s['teacher_bn']} | "
+        layout = "NHWC" if s["channels_last"] else "NCHW"
+        lines.append(f"| {name} | {prec}, student {layout}, teacher BN {s['teacher_bn']} | "
                      f"{sec['data']:.3f} | {sec['teacher']:.2f} | {sec['student_forward']:.2f} | {sec['backward']:.2f} "
                      f"| {sec['optimizer']:.3f} | {sec['step']:.2f} | {s['images_per_second']:.2f} | {mem} | "
                      f"{fl / 1e9:.0f} | {util:.1%} |")
@@ -831,7 +840,8 @@ def format_table(R: dict) -> str:
                  for r in R["teacher_inference"]]
         agree = min(R["teacher_inference"][r][variant]["argmax_agreement"] for r in R["teacher_inference"])
         side = "x".join(map(str, first[variant]["side"]))
-        lines.append(f"| {variant} ({first[variant]['images']} img {side}) | " + " | ".join(cells) + f" | {agree:.4f} |")
+        lines.append(f"| {variant} ({first[variant]['images']} img {side}) | " + " | ".join(cells)
+                     + f" | {agree:.4f} |")
     lines.append("teacher weights: " + ", ".join(f"{r} {w}" for r, w in cfg["teacher_weights"].items())
                  + "; share of the most frequent class in the fp32 prediction: "
                  + ", ".join(f"{r} {v:.2f}" for r, v in R["teacher_majority_class_share"].items()))
