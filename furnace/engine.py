@@ -27,7 +27,7 @@ from furnace.checkpoint import load_checkpoint, save_checkpoint, segmentor_from_
 from furnace.config import config_from_cli, crop_hw
 from furnace.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed
 from furnace.methods import CPSPair, cps_step, mgd_step, supervised_step
-from furnace.models import build_segmentor
+from furnace.models import build_segmentor, zero_init_residual_
 
 LABELED, UNLABELED_0, UNLABELED_1, CUTMIX = 0, 1, 2, 3  # random streams
 
@@ -165,7 +165,10 @@ class Trainer:
         self.model = synchronised_batchnorm(model, self.info).to(self.info.device)
         if C.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(param_groups(self.model, C.weight_decay), lr=C.lr, momentum=C.momentum)
+        # fused: one kernel over all parameters instead of a loop of small ops; on the 2-core CPU it cut the
+        # optimizer step of a WRN-50-2 CPS pair from 0.26 to 0.06 s (of a ~3 s step at the toy crop).
+        self.optimizer = torch.optim.SGD(param_groups(self.model, C.weight_decay), lr=C.lr, momentum=C.momentum,
+                                         fused=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=C.amp == "fp16")
         sizes = [len(d) for d in self.datasets.values()]
         self.iters_per_epoch = C.iters_per_epoch or max(sizes) // C.batch_size
@@ -182,8 +185,14 @@ class Trainer:
                 broadcast_buffers=False)
 
     def _new_network(self) -> nn.Module:
-        return build_segmentor(self.C.network, self.C.num_classes, pretrained=self.C.pretrained,
-                               output_stride=self.C.output_stride)
+        model = build_segmentor(self.C.network, self.C.num_classes, pretrained=self.C.pretrained,
+                                output_stride=self.C.output_stride)
+        if self.C.zero_init_residual:
+            if self.C.pretrained:
+                raise ValueError("config: zero_init_residual is for training from scratch; it would reset "
+                                 f"part of the pretrained weights {self.C.pretrained}")
+            zero_init_residual_(model.backbone)
+        return model
 
     def _make_logger(self) -> logging.Logger:
         log = logging.getLogger(f"furnace.{self.C.exp_name}.{id(self)}")
