@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
 # Launch one experiment folder: train with torchrun (resuming what was finished), then evaluate.
 # Usage: bash tools/run_experiment.sh EXP_DIR [--cfg FILE] [key=value ...]
-# Environment: NGPUS (processes per node, default 1), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1),
+# Environment: NGPUS (processes per node; default: script.sh's published count capped at the GPUs present, 1 on CPU), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1),
 #              MASTER_PORT (29500), EVAL_EPOCHS (checkpoints to evaluate, default: the last one).
 # Start over by deleting the experiment's output folder (<exp>/output/<method>).
 set -euo pipefail
 EXP_DIR="$(cd "$1" && pwd)"; shift
+# --cfg paths are given relative to where the user is; make them absolute before moving into EXP_DIR.
+ARGS=()
+while (($#)); do
+  if [[ "$1" == "--cfg" && $# -ge 2 ]]; then
+    [[ -f "$2" ]] || { echo "run_experiment.sh: config override file not found: $2" >&2; exit 2; }
+    ARGS+=(--cfg "$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"); shift 2
+  else
+    ARGS+=("$1"); shift
+  fi
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}
 cd "$EXP_DIR"
+if [[ -z "${NGPUS:-}" ]]; then
+  # The published process count (script.sh's PUBLISHED_NGPUS), capped at the GPUs present; 1 without CUDA,
+  # where more processes would only share the same cores.
+  NGPUS=$(python -c "import torch; print(min(${PUBLISHED_NGPUS:-1}, torch.cuda.device_count()) or 1)")
+  echo "run_experiment.sh: NGPUS=$NGPUS (set NGPUS to choose)" >&2
+fi
 LAUNCH=(torchrun --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="${NGPUS:-1}"
         --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}")
 "${LAUNCH[@]}" train.py --resume "$@"
