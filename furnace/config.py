@@ -64,6 +64,7 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     # network and method
     C.network = "resnet18"
     C.pretrained = None                # ImageNet weights file (torchvision or timm format), or None
+    C.zero_init_residual = False       # from scratch only: each ResNet block starts as the identity (toy runs)
     C.output_stride = 16
     C.method = "mgd"
     C.teacher_deep = None              # checkpoint of the deep teacher (CPS branch 1)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from furnace.models import (SEGMENTOR_PRESETS, DeepLabV3Plus, build_segmentor, convert_timm_mobilenetv2,
-                            create_backbone, load_pretrained)
+from furnace.models import (SEGMENTOR_PRESETS, BasicBlock, Bottleneck, DeepLabV3Plus, build_segmentor,
+                            convert_timm_mobilenetv2, create_backbone, load_pretrained, zero_init_residual_)
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # Known torchvision parameter counts (classification heads included) and their heads' sizes.
@@ -336,6 +336,26 @@ def test_segmentor_presets_and_head():
     assert abs(w.std().item() - (2 / (304 * 9)) ** 0.5) < 0.02 * (2 / (304 * 9)) ** 0.5 + 1e-4
     with pytest.raises(ValueError, match="unknown network"):
         build_segmentor("resnet34", 21)
+
+
+@pytest.mark.parametrize("name, block, blocks", [("resnet18", BasicBlock, 8), ("resnet101", Bottleneck, 33)])
+def test_zero_init_residual_makes_every_block_the_identity(name, block, blocks):
+    """Only the last BatchNorm scale of each block is zeroed; a block without downsample then returns its
+    (non-negative, post-ReLU) input unchanged, and one with downsample returns relu(downsample(x))."""
+    torch.manual_seed(0)
+    net = create_backbone(name, deep_stem=True).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    zero_init_residual_(net)
+    last_bn = "bn3" if block is Bottleneck else "bn2"
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) == blocks and all(k.endswith(f"{last_bn}.weight") for k in changed)
+    found = [m for m in net.modules() if isinstance(m, block)]
+    assert len(found) == blocks
+    for b in (found[1], found[0]):
+        x = torch.relu(torch.randn(2, b.conv1.in_channels, 9, 9))
+        with torch.no_grad():
+            want = x if b.downsample is None else torch.relu(b.downsample(x))
+            torch.testing.assert_close(b(x), want)
 
 
 def test_pretrained_backbone_through_segmentor(tmp_path):

@@ -172,6 +172,20 @@ class ResNet(nn.Module):
         return feats
 
 
+def zero_init_residual_(model: nn.Module) -> nn.Module:
+    """Zero the scale of the last BatchNorm in every residual block (BasicBlock.bn2, Bottleneck.bn3), in place.
+
+    Each block then starts as the identity, so a deep ResNet trained from scratch starts as a shallow one and
+    trains faster (Goyal et al. 2017, "Accurate, Large Minibatch SGD"). For training without ImageNet weights
+    only: pretrained weights overwrite it."""
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+    return model
+
+
 def resnet18(**kw) -> ResNet:
     """ResNet-18: BasicBlock, [2, 2, 2, 2]; features 64/128/256/512 channels."""
     return ResNet(BasicBlock, [2, 2, 2, 2], **kw)
