@@ -92,3 +92,22 @@ def test_predict_writes_masks_and_overlays(checkpoint, images, tmp_path):
         assert np.array_equal(np.array(mask), expected)
         strip = Image.open(out / f"{Path(name).stem}_overlay.jpg")
         assert strip.size == (3 * image.shape[1] + 2 * 4, image.shape[0])
+
+
+def test_toy_benchmark_summary_and_teachers_check(tmp_path, capsys):
+    """Mean and sample standard deviation per configuration over seeds, in stage order; --teachers refuses a
+    folder without the two teacher checkpoints, naming the missing file."""
+    bench = load_tool("toy_benchmark")
+    row = dict(network="resnet18", method="mgd", backbone_gflops=34.3)
+    runs = {0: [dict(row, label="a", miou=60.0), dict(row, label="b", miou=70.0)],
+            1: [dict(row, label="a", miou=64.0), dict(row, label="b", miou=71.0)],
+            2: [dict(row, label="a", miou=62.0), dict(row, label="b", miou=72.0)]}
+    rows = bench.summarise(runs)
+    assert [r["label"] for r in rows] == ["a", "b"]
+    assert rows[0]["miou_mean"] == pytest.approx(62.0) and rows[0]["miou_std"] == pytest.approx(2.0)
+    assert rows[1]["miou_per_seed"] == [70.0, 71.0, 72.0] and rows[1]["miou_std"] == pytest.approx(1.0)
+    table = bench.format_summary(rows, [0, 1, 2], "teachers from x, shared")
+    assert "| a | 34.3 | 62.00 | 2.00 | 60.0, 64.0, 62.0 |" in table and "(teachers from x, shared)" in table
+    with pytest.raises(SystemExit):
+        bench.main(["--teachers", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "voc8.resnet101_deeplabv3plus/cps/snapshot/last.pth" in capsys.readouterr().err

@@ -1,11 +1,12 @@
 """The toy comparison over several seeds, with the MobileNet-v2 student and an ablation of each MGD loss.
 
-    python tools/toy_benchmark.py --seeds 3 [--shared-teachers] [--out runs/toy_bench] [key=value ...]
+    python tools/toy_benchmark.py --seeds 3 [--shared-teachers | --teachers runs/toy] [--out runs/toy_bench] [key=value ...]
 
 Per seed (model initialisation, sampling and CutMix all follow `seed`): the two CPS teachers, then
 ResNet-18 and MobileNet-v2 students supervised-only and with MGD, then ResNet-18 MGD without each loss
 term. --shared-teachers trains the teachers once (first seed) and reuses them for every seed, which
-measures the students' spread only but costs a third of the time. Writes <out>/benchmark.md and
+measures the students' spread only but costs a third of the time; --teachers DIR takes the finished
+teachers of an earlier run instead (e.g. runs/toy, the quickstart's), for every seed. Writes <out>/benchmark.md and
 img/toy_benchmark.json (mean and standard deviation of mIoU per configuration). Resumable like the
 main job.
 """
@@ -48,9 +49,8 @@ def summarise(runs: Dict[int, List[dict]]) -> List[dict]:
     return rows
 
 
-def format_summary(rows: List[dict], seeds: List[int], shared_teachers: bool) -> str:
-    lines = [f"mIoU (%) on the toy val set over seeds {seeds}"
-             + (" (teachers of the first seed shared)" if shared_teachers else ""), "",
+def format_summary(rows: List[dict], seeds: List[int], teachers_note: str = "") -> str:
+    lines = [f"mIoU (%) on the toy val set over seeds {seeds}" + (f" ({teachers_note})" if teachers_note else ""), "",
              "| configuration | backbone GFLOPs | mIoU mean | std | per seed |", "|---|--:|--:|--:|---|"]
     for r in rows:
         per_seed = ", ".join(f"{v:.1f}" for v in r["miou_per_seed"])
@@ -63,15 +63,26 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     parser.add_argument("--shared-teachers", action="store_true", help="train the teachers for the first seed only")
+    parser.add_argument("--teachers", help="folder of an earlier run whose finished CPS teachers every seed uses "
+                        "(<DIR>/<experiment>/cps/snapshot/last.pth, e.g. runs/toy)")
     parser.add_argument("--out", default=osp.join(REPO_ROOT, "runs", "toy_bench"))
     parser.add_argument("--img", default=osp.join(REPO_ROOT, "img"))
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every stage")
     args = parser.parse_args(argv)
     seeds = list(range(args.seeds))
+    if args.teachers:
+        args.teachers = osp.abspath(args.teachers)
+        for experiment in (DEEP_EXP, WIDE_EXP):
+            path = osp.join(args.teachers, experiment, "cps", "snapshot", "last.pth")
+            if not osp.isfile(path):
+                parser.error(f"--teachers {args.teachers}: no teacher checkpoint {path}")
+        note = f"teachers from {args.teachers}, shared"
+    else:
+        note = "teachers of the first seed shared" if args.shared_teachers else ""
     runs = {}
     for seed in seeds:
         out = osp.join(args.out, f"seed{seed}")
-        teacher_out = osp.join(args.out, f"seed{seeds[0]}") if args.shared_teachers else out
+        teacher_out = args.teachers or (osp.join(args.out, f"seed{seeds[0]}") if args.shared_teachers else out)
         records = []
         for stage in benchmark_stages():
             root = teacher_out if stage.role == "teacher" else out
@@ -79,17 +90,17 @@ def main(argv=None) -> None:
             extra = [f"seed={seed}", *args.overrides,
                      f"teacher_deep={teacher_out}/{DEEP_EXP}/cps/snapshot/last.pth",
                      f"teacher_wide={teacher_out}/{WIDE_EXP}/cps/snapshot/last.pth"]
-            if stage.role == "teacher" and args.shared_teachers:
+            if stage.role == "teacher" and (args.shared_teachers or args.teachers):
                 extra[0] = f"seed={seeds[0]}"
             records.append(run_stage(stage, root, extra))
         runs[seed] = records
     rows = summarise(runs)
-    table = format_summary(rows, seeds, args.shared_teachers)
+    table = format_summary(rows, seeds, note)
     print("\n" + table)
     with open(osp.join(args.out, "benchmark.md"), "w") as f:
         f.write(table + "\n")
     with open(osp.join(args.img, "toy_benchmark.json"), "w") as f:
-        json.dump({"seeds": seeds, "shared_teachers": args.shared_teachers, "rows": rows}, f, indent=1)
+        json.dump({"seeds": seeds, "teachers": note or "trained per seed", "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
