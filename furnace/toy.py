@@ -55,11 +55,15 @@ def load_experiment_config(experiment: str, overrides: Sequence[str], cfg_files:
     return resolve(module.C, collect_overrides(cfg_files, overrides, environ={}))
 
 
+def teacher_overrides(root: str) -> List[str]:
+    """teacher_deep= / teacher_wide= overrides naming the CPS teachers a toy run wrote under `root`."""
+    return [f"teacher_deep={osp.join(root, DEEP_EXP, 'cps', 'snapshot', 'last.pth')}",
+            f"teacher_wide={osp.join(root, WIDE_EXP, 'cps', 'snapshot', 'last.pth')}"]
+
+
 def stage_overrides(stage: Stage, out_root: str, extra: Sequence[str] = ()) -> List[str]:
     """Where a stage writes, which teachers it reads, plus the run-wide and the stage's own overrides."""
-    return [f"output_dir={out_root}/{stage.experiment}/{stage.tag}",
-            f"teacher_deep={out_root}/{DEEP_EXP}/cps/snapshot/last.pth",
-            f"teacher_wide={out_root}/{WIDE_EXP}/cps/snapshot/last.pth",
+    return [f"output_dir={out_root}/{stage.experiment}/{stage.tag}", *teacher_overrides(out_root),
             *extra, *stage.overrides]
 
 

@@ -52,7 +52,7 @@ def colour(rng, vivid, cls=None):
 
 def texture(kind, h, w, rng, vivid=True, cls=None):
     """HxWx3 float texture of class `kind` (1 stripes, 2 checkerboard, 3 dots, 4 waves, 5 speckle), with a
-    random period (6-10 px), orientation and phase; two shades of a vivid colour, or of a muted colour at
+    random period (TEXTURE_PERIOD px), orientation and phase; two shades of a vivid colour, or of a muted colour at
     low contrast (background distractors)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     a, p = rng.uniform(0, np.pi), rng.uniform(*TEXTURE_PERIOD)

@@ -24,7 +24,7 @@ if [[ -z "${NGPUS:-}" ]]; then
   NGPUS=$(python -c "import torch; print(min(${PUBLISHED_NGPUS:-1}, torch.cuda.device_count()) or 1)")
   echo "run_experiment.sh: NGPUS=$NGPUS (set NGPUS to choose)" >&2
 fi
-LAUNCH=(torchrun --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="${NGPUS:-1}"
+LAUNCH=(torchrun --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$NGPUS"
         --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}")
 "${LAUNCH[@]}" train.py --resume "$@"
 "${LAUNCH[@]}" eval.py ${EVAL_EPOCHS:+-e "$EVAL_EPOCHS"} "$@"

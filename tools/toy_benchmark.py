@@ -17,17 +17,15 @@ import statistics
 from typing import Dict, List
 
 from furnace.config import REPO_ROOT
-from furnace.toy import DEEP_EXP, WIDE_EXP, Stage, run_stage
+from furnace.toy import Stage, main_stages, run_stage, teacher_overrides
 
 R18, MBV2 = "voc8.resnet18_deeplabv3plus", "voc8.mobilev2_deeplabv3plus"
 
 
 def benchmark_stages() -> List[Stage]:
+    """The main job's stages (teachers, ResNet-18 supervised and MGD), then MobileNet-v2 and the ablations."""
     return [
-        Stage("WRN-50-2 teacher (CPS)", WIDE_EXP, "cps", role="teacher"),
-        Stage("ResNet-101 teacher (CPS)", DEEP_EXP, "cps", role="teacher"),
-        Stage("ResNet-18 supervised", R18, "supervised", ["method=supervised"]),
-        Stage("ResNet-18 MGD", R18, "mgd"),
+        *main_stages(),
         Stage("MobileNet-v2 supervised", MBV2, "supervised", ["method=supervised"]),
         Stage("MobileNet-v2 MGD", MBV2, "mgd"),
         Stage("ResNet-18 MGD w/o pixel-level", R18, "mgd-no-pixel",
@@ -62,8 +60,9 @@ def format_summary(rows: List[dict], seeds: List[int], teachers_note: str = "") 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    parser.add_argument("--shared-teachers", action="store_true", help="train the teachers for the first seed only")
-    parser.add_argument("--teachers", help="folder of an earlier run whose finished CPS teachers every seed uses "
+    teachers = parser.add_mutually_exclusive_group()
+    teachers.add_argument("--shared-teachers", action="store_true", help="train the teachers for the first seed only")
+    teachers.add_argument("--teachers", help="folder of an earlier run whose finished CPS teachers every seed uses "
                         "(<DIR>/<experiment>/cps/snapshot/last.pth, e.g. runs/toy)")
     parser.add_argument("--out", default=osp.join(REPO_ROOT, "runs", "toy_bench"))
     parser.add_argument("--img", default=osp.join(REPO_ROOT, "img"))
@@ -72,8 +71,8 @@ def main(argv=None) -> None:
     seeds = list(range(args.seeds))
     if args.teachers:
         args.teachers = osp.abspath(args.teachers)
-        for experiment in (DEEP_EXP, WIDE_EXP):
-            path = osp.join(args.teachers, experiment, "cps", "snapshot", "last.pth")
+        for override in teacher_overrides(args.teachers):
+            path = override.split("=", 1)[1]
             if not osp.isfile(path):
                 parser.error(f"--teachers {args.teachers}: no teacher checkpoint {path}")
         note = f"teachers from {args.teachers}, shared"
@@ -87,9 +86,7 @@ def main(argv=None) -> None:
         for stage in benchmark_stages():
             root = teacher_out if stage.role == "teacher" else out
             # students read the teachers from teacher_out, whatever their own output folder
-            extra = [f"seed={seed}", *args.overrides,
-                     f"teacher_deep={teacher_out}/{DEEP_EXP}/cps/snapshot/last.pth",
-                     f"teacher_wide={teacher_out}/{WIDE_EXP}/cps/snapshot/last.pth"]
+            extra = [f"seed={seed}", *args.overrides, *teacher_overrides(teacher_out)]
             if stage.role == "teacher" and (args.shared_teachers or args.teachers):
                 extra[0] = f"seed={seeds[0]}"
             records.append(run_stage(stage, root, extra))
