@@ -22,7 +22,8 @@ ENV_PREFIX = "MGD_"
 
 METHODS = ("supervised", "cps", "mgd")
 NETWORKS = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v2")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+TEACHER_PRECISIONS = ("auto", "amp", "int8")
 
 
 
@@ -72,6 +73,11 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.teacher_deep_network = "resnet101"
     C.teacher_wide_network = "wide_resnet50_2"
     C.teacher_bn = "eval"              # 'eval': frozen BN statistics; 'train': batch statistics, as published
+    C.teacher_precision = "auto"       # 'auto': int8 copies on CPU (furnace/quantize.py) where they keep the
+                                       # fp32 argmax (below), else as `amp`; 'amp': as `amp`; 'int8': always
+    C.teacher_int8_min_agreement = 0.98  # least share of held-out labeled pixels with the fp32 argmax
+    C.teacher_calibration_images = 32  # unlabeled training crops that set the int8 activation ranges
+    C.teacher_check_images = 16        # labeled training crops on which the agreement is measured
 
     # loss weights (0 switches a term off, for ablations)
     C.sup_weight = 1.0
@@ -95,7 +101,8 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.warmup_iters = 0
     C.epochs = 34
     C.iters_per_epoch = None           # None: max(|D_l|, |D_u|) // batch_size
-    C.amp = "bf16"                     # 'off', 'bf16' or 'fp16' (fp16 on CUDA only)
+    C.amp = "auto"                     # 'auto' (bf16 on CUDA and bf16-capable CPUs, else off), 'off', 'bf16',
+                                       # 'fp16' (CUDA only)
     C.channels_last = False
     C.device = "auto"                  # 'auto', 'cpu' or 'cuda'
 
@@ -196,6 +203,12 @@ def check(C: EasyDict) -> None:
     need(C.network in NETWORKS, f"network={C.network!r}; expected one of {NETWORKS}")
     need(C.amp in AMP_MODES, f"amp={C.amp!r}; expected one of {AMP_MODES}")
     need(C.teacher_bn in ("eval", "train"), f"teacher_bn={C.teacher_bn!r}; expected 'eval' or 'train'")
+    need(C.teacher_precision in TEACHER_PRECISIONS,
+         f"teacher_precision={C.teacher_precision!r}; expected one of {TEACHER_PRECISIONS}")
+    need(0 <= C.teacher_int8_min_agreement <= 1,
+         f"teacher_int8_min_agreement={C.teacher_int8_min_agreement!r} must be in [0, 1]")
+    for key in ("teacher_calibration_images", "teacher_check_images"):
+        need(isinstance(C[key], int) and C[key] > 0, f"{key}={C[key]!r} must be a positive int")
     need(C.eval_mode in ("sliding", "whole"), f"eval_mode={C.eval_mode!r}; expected 'sliding' or 'whole'")
     need(C.device in ("auto", "cpu", "cuda"), f"device={C.device!r}; expected 'auto', 'cpu' or 'cuda'")
     need(isinstance(C.batch_size, int) and C.batch_size > 0, f"batch_size={C.batch_size!r} must be a positive int")

@@ -26,10 +26,11 @@ from tqdm import tqdm
 from furnace.checkpoint import load_checkpoint, save_checkpoint, segmentor_from_checkpoint
 from furnace.config import config_from_cli, crop_hw
 from furnace.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed
-from furnace.methods import CPSPair, cps_step, mgd_step, supervised_step
+from furnace.methods import CPSPair, cps_step, mgd_step, resolve_amp, supervised_step
 from furnace.models import build_segmentor, zero_init_residual_
+from furnace.quantize import argmax_agreement, int8_supported, quantize_teacher
 
-LABELED, UNLABELED_0, UNLABELED_1, CUTMIX = 0, 1, 2, 3  # random streams
+LABELED, UNLABELED_0, UNLABELED_1, CUTMIX, CALIBRATION = 0, 1, 2, 3, 4  # random streams
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -96,8 +97,10 @@ def synchronised_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
     return model
 
 
-def load_teachers(C: EasyDict, info: DistInfo) -> Dict[str, nn.Module]:
-    """The two frozen teachers named in the config, checked before any training.
+def load_teachers(C: EasyDict, info: DistInfo, datasets: Optional[Dict[str, Dataset]] = None,
+                  log: Optional[logging.Logger] = None) -> Dict[str, nn.Module]:
+    """The two frozen teachers named in the config, checked before any training; int8 copies of them where
+    C.teacher_precision asks for it (see int8_teachers; needs `datasets` for the calibration images).
 
     With teacher_bn='train' a teacher normalises with batch statistics, which must then span the global
     batch (synchronised BatchNorm) for N processes to compute what one process does."""
@@ -120,7 +123,61 @@ def load_teachers(C: EasyDict, info: DistInfo) -> Dict[str, nn.Module]:
         if C.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         teachers[role] = teacher.to(info.device)
+    if use_int8_teachers(C, info.device):
+        if datasets is None:
+            raise ValueError("load_teachers: int8 teachers need the training datasets for calibration")
+        teachers = int8_teachers(teachers, C, datasets, log or logging.getLogger(__name__))
     return teachers
+
+
+def use_int8_teachers(C: EasyDict, device: torch.device) -> bool:
+    """Whether to try int8 teachers: teacher_precision 'int8', or 'auto' on a CPU with int8 kernels."""
+    if C.teacher_precision == "amp":
+        return False
+    why_not = ("teacher_bn='train' (batch statistics)" if C.teacher_bn == "train" else
+               f"device {device.type}" if not int8_supported(device) else None)
+    if why_not and C.teacher_precision == "int8":
+        raise ValueError(f"config: teacher_precision='int8' is for eval-mode teachers on a CPU, not with {why_not}")
+    return why_not is None
+
+
+def transformed_images(dataset: Dataset, C: EasyDict, count: int, stream: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`count` training crops (images, labels or None) spread over `dataset`, augmented by the training transform
+    with keys of their own: the same on every process and every run."""
+    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
+    samples = [dataset[(int(i), (C.seed, stream, 0, pos))] for pos, i in enumerate(indices)]
+    labels = torch.stack([s["label"] for s in samples]) if all("label" in s for s in samples) else None
+    return torch.stack([s["image"] for s in samples]), labels
+
+
+def int8_copies(teachers: Dict[str, nn.Module], C: EasyDict, datasets: Dict[str, Dataset]
+                ) -> Dict[str, Tuple[nn.Module, float, float]]:
+    """Per teacher: (int8 copy, its argmax agreement with the fp32 teacher on the valid pixels of
+    C.teacher_check_images labeled crops, seconds to quantize and check). Calibration: the activation
+    ranges of C.teacher_calibration_images unlabeled crops."""
+    calib, _ = transformed_images(datasets["unlabeled"], C, C.teacher_calibration_images, CALIBRATION)
+    check, labels = transformed_images(datasets["labeled"], C, C.teacher_check_images, CALIBRATION)
+    out = {}
+    for role, teacher in teachers.items():
+        start = time.time()
+        int8 = quantize_teacher(teacher, calib.split(8))
+        out[role] = (int8, argmax_agreement(int8, teacher, check, labels), time.time() - start)
+    return out
+
+
+def int8_teachers(teachers: Dict[str, nn.Module], C: EasyDict, datasets: Dict[str, Dataset],
+                  log: logging.Logger) -> Dict[str, nn.Module]:
+    """Each teacher replaced by its int8 copy (furnace.quantize) where the copy agrees with the fp32 teacher
+    on at least C.teacher_int8_min_agreement of the checked pixels (always, with teacher_precision='int8')."""
+    out = {}
+    for role, (int8, agreement, seconds) in int8_copies(teachers, C, datasets).items():
+        keep = C.teacher_precision == "int8" or agreement >= C.teacher_int8_min_agreement
+        out[role] = int8 if keep else teachers[role]
+        log.info(f"teacher_{role}: int8 copy agrees with fp32 on {agreement:.4f} of the valid pixels of "
+                 f"{C.teacher_check_images} labeled crops (teacher_int8_min_agreement={C.teacher_int8_min_agreement}, "
+                 f"teacher_precision={C.teacher_precision!r}) -> {'int8' if keep else 'fp32'} teacher "
+                 f"({seconds:.0f} s to quantize and check)")
+    return out
 
 
 # ------------------------------------------------------------------------------------ optimisation
@@ -150,13 +207,14 @@ class Trainer:
         if C.batch_size % self.info.world_size:
             raise ValueError(f"config: batch_size={C.batch_size} is not divisible by the "
                              f"{self.info.world_size} processes")
+        C.amp = resolve_amp(C.amp, self.info.device)
         if C.amp == "fp16" and self.info.device.type != "cuda":
             raise ValueError("config: amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
         self.snapshot_dir = osp.join(C.output_dir, "snapshot")
         self.log = self._make_logger()
 
         self.datasets = build_datasets(C)
-        self.teachers = load_teachers(C, self.info) if C.method == "mgd" else None
+        self.teachers = load_teachers(C, self.info, self.datasets, self.log) if C.method == "mgd" else None
         torch.manual_seed(C.seed)  # same initialisation on every process
         if C.method == "cps":
             model = CPSPair(self._new_network(), self._new_network())

@@ -1,0 +1,149 @@
+"""Int8 teachers (furnace/quantize.py) and the precision settings: what the quantized copy computes, how the
+trainer decides to use it, and that bad settings are refused by name."""
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from furnace.config import collect_overrides, resolve
+from furnace.distributed import DistInfo
+from furnace.engine import build_datasets, load_teachers
+from furnace.losses import IGNORE_INDEX
+from furnace.methods import resolve_amp, teacher_predict
+from furnace.models import build_segmentor
+from furnace.quantize import Int8Teacher, argmax_agreement, int8_supported, quantize_teacher
+from trainkit import NUM_CLASSES, exp_config, make_teacher, overrides, train_in_process
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not int8_supported(torch.device("cpu")), reason="no int8 CPU kernels")]
+
+
+@pytest.fixture(scope="module")
+def resnet18_int8():
+    torch.manual_seed(0)
+    teacher = build_segmentor("resnet18", NUM_CLASSES).eval()
+    calibration = torch.randn(8, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    return teacher, quantize_teacher(teacher, calibration.split(4))
+
+
+def test_int8_copy_is_quantized_keeps_the_teacher_and_an_fp32_classifier(resnet18_int8):
+    teacher, int8 = resnet18_int8
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    quantized = [m for m in int8.modules() if type(m).__module__.startswith("torch.ao.nn.")]
+    assert len(quantized) >= 20  # every conv of the backbone, ASPP and decoder
+    classifier = int8.graph.get_submodule("segmentor.classifier")
+    assert type(classifier) is nn.Conv2d and classifier.weight.dtype == torch.float32
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # teacher untouched
+
+
+def test_int8_teacher_predicts_what_the_fp32_teacher_predicts(resnet18_int8):
+    teacher, int8 = resnet18_int8
+    x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    logits, decoder = teacher_predict(int8, x, "off", with_decoder=True)
+    ref = teacher(x, return_features=True)
+    assert logits.shape == ref["logits"].shape and decoder.shape == ref["decoder"].shape
+    assert logits.dtype == decoder.dtype == torch.float32
+    # 8-bit rounding: a few % of the signal (measured 6% for the logits, 5% for the decoder feature)
+    assert (logits - ref["logits"]).norm() / ref["logits"].norm() < 0.15
+    assert (decoder - ref["decoder"]).norm() / ref["decoder"].norm() < 0.15
+    assert argmax_agreement(int8, teacher, x) > 0.9
+    assert teacher_predict(int8, x, "off", with_decoder=False)[1] is None
+
+
+def test_argmax_agreement_counts_only_valid_pixels():
+    class Constant(nn.Module):
+        def __init__(self, cls):
+            super().__init__()
+            self.cls = cls
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            out[:, self.cls] = 1
+            out[:, :, :, :2] = torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1)  # left two columns: class 0 for both
+            return out
+
+    x = torch.zeros(2, 3, 4, 4)
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    assert argmax_agreement(Constant(1), Constant(2), x) == 0.5  # agree on the left half only
+    labels[:, :, 2:] = IGNORE_INDEX
+    assert argmax_agreement(Constant(1), Constant(2), x, labels) == 1.0
+    labels[:, :, :] = 0
+    labels[:, :, :1] = IGNORE_INDEX  # valid: 3 columns, of which 1 agrees
+    assert argmax_agreement(Constant(1), Constant(2), x, labels, max_batch=1) == pytest.approx(1 / 3)
+
+
+def test_amp_auto_resolves_per_device():
+    assert resolve_amp("auto", torch.device("cuda")) == "bf16"
+    assert resolve_amp("auto", torch.device("cpu")) in ("bf16", "off")
+    for explicit in ("off", "bf16", "fp16"):
+        assert resolve_amp(explicit, torch.device("cpu")) == explicit
+
+
+@pytest.fixture(scope="module")
+def teacher_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("int8_teachers")
+    return str(make_teacher(d / "deep.pth", seed=1)), str(make_teacher(d / "wide.pth", seed=2))
+
+
+def _load(toy, tmp_path, teacher_paths, **changes):
+    """load_teachers as the Trainer calls it; returns (teachers, the messages it logged)."""
+    settings = dict(method="mgd", teacher_deep=teacher_paths[0], teacher_wide=teacher_paths[1],
+                    teacher_calibration_images=4, teacher_check_images=2)
+    settings.update(changes)
+    C = resolve(exp_config(), collect_overrides([], overrides(toy, tmp_path, **settings), environ={}))
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+    log = logging.getLogger(f"test_quantize.{id(messages)}")
+    log.addHandler(Collect())
+    log.setLevel(logging.INFO)
+    teachers = load_teachers(C, DistInfo(0, 1, 0, torch.device("cpu")), build_datasets(C), log)
+    return teachers, messages
+
+
+def test_teacher_precision_decides_int8_by_measured_agreement(toy, tmp_path, teacher_paths):
+    plain, messages = _load(toy, tmp_path, teacher_paths, teacher_precision="amp")
+    assert not any(isinstance(t, Int8Teacher) for t in plain.values()) and messages == []
+
+    forced, messages = _load(toy, tmp_path, teacher_paths, teacher_precision="int8")
+    assert all(isinstance(t, Int8Teacher) for t in forced.values())
+    assert len(messages) == 2 and all("int8 copy agrees with fp32 on" in m for m in messages)
+    agreement = [float(m.split("agrees with fp32 on ")[1].split()[0]) for m in messages]
+
+    accepted, _ = _load(toy, tmp_path, teacher_paths, teacher_precision="auto", teacher_int8_min_agreement=0.0)
+    assert all(isinstance(t, Int8Teacher) for t in accepted.values())
+    # a threshold above what the deep teacher's copy reaches keeps that teacher in fp32, and only that one
+    threshold = min(1.0, agreement[0] + 1e-4)
+    if agreement[0] < threshold <= agreement[1]:
+        mixed, messages = _load(toy, tmp_path, teacher_paths, teacher_precision="auto",
+                                teacher_int8_min_agreement=threshold)
+        assert not isinstance(mixed["deep"], Int8Teacher) and isinstance(mixed["wide"], Int8Teacher)
+        assert "-> fp32 teacher" in messages[0] and "-> int8 teacher" in messages[1]
+    rejected, messages = _load(toy, tmp_path, teacher_paths, teacher_precision="auto",
+                               teacher_int8_min_agreement=1.0)
+    for (role, teacher), value in zip(rejected.items(), agreement):
+        assert isinstance(teacher, Int8Teacher) == (value >= 1.0), role
+
+
+def test_int8_mgd_run_trains_and_logs_the_agreement(toy, tmp_path, teacher_paths):
+    train_in_process(overrides(toy, tmp_path, method="mgd", epochs=1, iters_per_epoch=2, teacher_deep=teacher_paths[0],
+                               teacher_wide=teacher_paths[1], teacher_precision="int8",
+                               teacher_calibration_images=4, teacher_check_images=2))
+    log = (tmp_path / "train.log").read_text()
+    assert log.count("-> int8 teacher") == 2
+    ckpt = torch.load(tmp_path / "snapshot" / "last.pth", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(teacher_precision="fp8"), "teacher_precision='fp8'"),
+    (dict(teacher_int8_min_agreement=1.5), "teacher_int8_min_agreement=1.5"),
+    (dict(teacher_calibration_images=0), "teacher_calibration_images=0"),
+    (dict(teacher_precision="int8", teacher_bn="train"), "teacher_precision='int8' is for eval-mode teachers"),
+])
+def test_bad_teacher_precision_settings_are_refused_by_name(toy, tmp_path, teacher_paths, changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        _load(toy, tmp_path, teacher_paths, **changes)
