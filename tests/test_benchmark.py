@@ -15,6 +15,7 @@ from easydict import EasyDict
 from furnace.config import new_config
 from furnace.methods import _FOLDED, fold_batchnorm, folded_teacher, mgd_step, teacher_predict
 from furnace.models import build_segmentor
+from furnace.quantize import int8_supported
 from trainkit import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +82,23 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
                      "teacher_predict fp32 (comparison for low precision)"):
             assert variants[name]["argmax_agreement"] > 0.999, name
         assert variants["teacher_predict bf16 autocast"]["argmax_agreement"] > 0.9
+    # int8 teacher copies: made and checked as the trainer does, probed, and chosen only where they pass
+    if int8_supported(torch.device("cpu")):
+        assert set(saved["int8_teachers"]) == {"deep", "wide"}
+        for role, info in saved["int8_teachers"].items():
+            assert 0 <= info["check_agreement"] <= 1
+            assert saved["teacher_inference"][role][benchmark.INT8_VARIANT]["argmax_agreement"] > 0.8
+    choice = saved["ours_teacher_precision"]["precision"]
+    assert set(choice) == {"deep", "wide"} and set(choice.values()) <= {"int8", "fp32", "bf16"}
+    for role, p in choice.items():
+        if p == "int8":
+            assert saved["int8_teachers"][role]["check_agreement"] >= new_config("voc", __file__).teacher_int8_min_agreement
+    assert saved["steps"]["ours"]["teacher_precision"] == choice
+    assert saved["steps"]["published"]["teacher_precision"] == {"deep": "fp32", "wide": "fp32"}
+    if "int8" in choice.values() or saved["ours_choice"]["precision"] != "fp32":
+        assert saved["steps"]["ours_fp32"]["teacher_precision"] == {"deep": "fp32", "wide": "fp32"}
+    for name, st in saved["steps"].items():
+        assert 0 < st["utilization_by_phase"]["step"] == pytest.approx(st["ideal_seconds"] / st["seconds"]["step"])
     assert set(saved["student_memory_format"]) == {"NCHW", "channels_last"}
     assert saved["eval"]["probs_on_device"] and saved["eval"]["windows"] == 9
     assert saved["loader"]["images_per_second"] > 0

@@ -10,10 +10,16 @@ machine's measured matrix-multiply peak, with teacher inference, the data loader
 Everything is measured in the one run, on random-init networks unless teacher checkpoints are given (speed
 does not depend on the weights; the argmax agreement of low-precision teachers does):
   peak       torch.mm of two NxN matrices per precision -> GFLOP/s, the machine's limit for utilization
-             (measured before the steps and again after them; the better one counts).
+             (measured before the steps and again after them; the better one counts); int8: a quantized
+             Linear (the quantized engine's GEMM, which the int8 convolutions use).
+  int8       each teacher's int8 copy made as the trainer makes it (furnace.engine.int8_copies: calibrated on
+             the config's teacher_calibration_images unlabeled crops) and its argmax agreement with fp32 on the
+             valid pixels of teacher_check_images labeled crops (the trainer's acceptance test).
   teachers   each teacher on the inputs of one step in every inference variant (plain fp32, inference_mode,
-             BatchNorm folded, channels_last, bf16 / fp16 autocast), with argmax agreement against plain fp32.
-             The fastest precision and memory format become "ours" (--precision auto, --channels-last auto).
+             BatchNorm folded, channels_last, int8, bf16 / fp16 autocast), with argmax agreement against plain
+             fp32. The fastest precision and memory format become "ours" (--precision auto, --channels-last
+             auto); a teacher runs int8 in ours where it is faster and passes the trainer's acceptance test
+             (--teacher-precision auto).
   flops      FLOPs of one step, forward and backward, from torch.utils.flop_counter on 'meta' tensors
              (2 x multiply-accumulates of convolutions and matrix products; nothing is computed).
   gradient   published and ours on one batch (cut to --grad-crop), teachers in the same (eval) BN mode, fp32,
@@ -66,14 +72,18 @@ from furnace.config import new_config, resolve
 from furnace.data import VOC_CLASS_NAMES
 from furnace.data import cutmix_box_mask
 from furnace.distributed import DistInfo
-from furnace.engine import LABELED, UNLABELED_0, UNLABELED_1, build_datasets, param_groups, stream_loader
+from furnace.engine import (LABELED, UNLABELED_0, UNLABELED_1, build_datasets, int8_copies, param_groups,
+                            stream_loader)
 from furnace.evaluate import sliding_probs
 from furnace.losses import combine_cutmix, content_aware_loss, pseudo_label_ce, semantic_sensitive_loss
 from furnace.methods import folded_teacher, mgd_step, mix, supervised_loss, teacher_predict
 from furnace.models import build_segmentor
+from furnace.quantize import int8_supported
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 AMP = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}
+INT8_VARIANT = "int8 (torch.ao static, calibrated), NCHW"
+FOLDED_VARIANT = "fp32 BN folded, channels_last"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = Dict[str, torch.Tensor]
 
@@ -225,17 +235,33 @@ def loadavg() -> Optional[List[float]]:
 
 # ------------------------------------------------------------------------------------------ measurements
 def peak_matmul(device: torch.device, precision: str, sizes: List[int], repeats: int = 3) -> dict:
-    """The machine's matrix-multiply limit: torch.mm of two n x n matrices (2 n^3 FLOPs) for each n in `sizes`;
+    """The machine's matrix-multiply limit: torch.mm of two n x n matrices (2 n^3 FLOPs) for each n in `sizes`
+    (int8: torch._int_mm, int8 inputs and int32 sums, 2 n^3 operations);
     the best rate (fastest of `repeats` calls, best size) is the peak: a peak is what the machine can do,
     and the fastest call is the one least disturbed by other processes."""
-    dtype = DTYPES[precision]
     gen = torch.Generator(device="cpu").manual_seed(0)
     per_size = {}
     for n in sizes:
-        a = torch.randn(n, n, generator=gen).to(device, dtype)
-        b = torch.randn(n, n, generator=gen).to(device, dtype)
-        torch.mm(a, b)
-        seconds = min(timed(lambda: torch.mm(a, b), device, 1, warmup=0) for _ in range(repeats))
+        if precision == "int8":  # the quantized engine's GEMM (uint8 x int8 -> int32, requantized): what the
+            # int8 convolutions run on (torch._int_mm has no fast CPU kernel: ~1 GOP/s)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                linear = torch.ao.nn.quantized.Linear(n, n, bias_=False)
+                w = torch.quantize_per_tensor(torch.randn(n, n, generator=gen) / n ** 0.5, 1 / 128 / n ** 0.5, 0,
+                                              torch.qint8)
+                linear.set_weight_bias(w, None)
+                linear.scale, linear.zero_point = 0.05, 128
+                a = torch.quantize_per_tensor(torch.rand(n, n, generator=gen), 1 / 255, 0, torch.quint8)
+            b = None
+
+            def mm(x, _):
+                return linear(x)
+        else:
+            a = torch.randn(n, n, generator=gen).to(device, DTYPES[precision])
+            b = torch.randn(n, n, generator=gen).to(device, DTYPES[precision])
+            mm = torch.mm
+        mm(a, b)
+        seconds = min(timed(lambda: mm(a, b), device, 1, warmup=0) for _ in range(repeats))
         per_size[n] = 2 * n ** 3 / seconds / 1e9
     best = max(per_size, key=per_size.get)
     return dict(n=best, gflops=per_size[best], gflops_per_size=per_size)
@@ -247,13 +273,15 @@ def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def probe_teacher(teacher: nn.Module, x: torch.Tensor, device: torch.device, precisions: List[str],
-                  low_precision_side: Optional[int], repeats: int) -> Tuple[dict, float]:
+                  low_precision_side: Optional[int], repeats: int,
+                  int8: Optional[nn.Module] = None) -> Tuple[dict, float]:
     """Seconds per image and argmax agreement (vs plain fp32) of one eval-mode teacher's inference variants,
     and the share of the most frequent class in the fp32 prediction (near 1: agreement says little).
 
     x: images of the step's teacher batch. On CPU the low-precision variants run on one image cut to
     `low_precision_side` pixels (they are an order of magnitude slower there, minutes per image at a
-    realistic crop) and are compared with fp32 on that same image."""
+    realistic crop) and are compared with fp32 on that same image. `int8`: the teacher's int8 copy
+    (furnace.quantize), run on all of x like the fp32 variants."""
     out: Dict[str, dict] = {}
     variants: List[Tuple[str, Callable, torch.Tensor, Optional[str]]] = []  # (name, fn, inputs, reference)
 
@@ -283,11 +311,13 @@ def probe_teacher(teacher: nn.Module, x: torch.Tensor, device: torch.device, pre
     add(ref, plain, x, None)
     add("fp32 inference_mode", inference_mode, x, ref)
     add("fp32 BN folded, NCHW", folded(False), x, ref)
-    add("fp32 BN folded, channels_last", folded(True), x, ref)
+    add(FOLDED_VARIANT, folded(True), x, ref)
     # teacher_predict as mgd_step calls it, in fp32: the reference of the low-precision variants
     small_ref = "teacher_predict fp32 (comparison for low precision)"
     small = x if low_precision_side is None else x[:1, :, :low_precision_side, :low_precision_side]
     add(small_ref, lambda i: teacher_predict(teacher, i, "off", False)[0], small, ref if small is x else None)
+    if int8 is not None:
+        add(INT8_VARIANT, lambda i: teacher_predict(int8, i, "off", False)[0], x, ref)
     for p in precisions:
         if p != "fp32":
             add(f"teacher_predict {p} autocast", lambda i, p=p: teacher_predict(teacher, i, AMP[p], False)[0], small,
@@ -352,16 +382,16 @@ def count_step_flops(schedule: str, C: EasyDict, nets: Dict[str, str], n_l: int,
     return int(counter.get_total_flops())
 
 
-def count_teacher_flops(C: EasyDict, nets: Dict[str, str], images: int, crop: int) -> int:
-    """FLOPs of both teachers' forward on `images` images (the same in both schedules: 4 batches each)."""
-    total = 0
+def count_teacher_flops(C: EasyDict, nets: Dict[str, str], images: int, crop: int) -> Dict[str, int]:
+    """FLOPs of each teacher's forward on `images` images (the same in both schedules: 4 batches each)."""
+    total = {}
     for role in ("deep", "wide"):
         with torch.device("meta"):
             teacher = build_segmentor(nets[role], C.num_classes).eval()
             x = torch.empty(images, 3, crop, crop)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             teacher(x, return_features=True)
-        total += int(counter.get_total_flops())
+        total[role] = int(counter.get_total_flops())
     return total
 
 
@@ -432,8 +462,9 @@ class Schedule:
     """A student, its optimizer, the teachers and the step function of one schedule being timed."""
 
     def __init__(self, name: str, student: nn.Module, teachers: Dict[str, nn.Module], C: EasyDict,
-                 step: Callable, device: torch.device):
+                 step: Callable, device: torch.device, teacher_precision: Dict[str, str]):
         self.name, self.student, self.teachers, self.C, self.step = name, student, teachers, C, step
+        self.teacher_precision = teacher_precision
         self.device = device
         self.optimizer = torch.optim.SGD(param_groups(student, C.weight_decay), lr=C.lr, momentum=C.momentum)
         self.records: List[Dict[str, float]] = []
@@ -479,7 +510,8 @@ class Schedule:
                     images_per_second=images_per_step / med["step"],
                     peak_memory_mb=max(self.peak_mb) if self.peak_mb else None,
                     step_memory_mb=max(self.step_mb) if self.step_mb else None,
-                    precision=self.C.amp, channels_last=self.C.channels_last, teacher_bn=self.C.teacher_bn)
+                    precision=self.C.amp, channels_last=self.C.channels_last, teacher_bn=self.C.teacher_bn,
+                    teacher_precision=self.teacher_precision)
 
 
 def loader_throughput(C: EasyDict, datasets: dict, device: torch.device, batches: int) -> dict:
@@ -556,6 +588,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="ours: autocast precision; auto = the fastest measured teacher precision among fp32/bf16")
+    p.add_argument("--teacher-precision", default="auto", choices=["auto", "amp", "int8"],
+                   help="teachers of ours: 'auto' int8 where the trainer would take it (agreement >= the config's "
+                        "teacher_int8_min_agreement) and it is faster; 'amp' as the student; 'int8' always")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="ours: NHWC teachers and student; auto = whichever the teacher probe measured faster")
     p.add_argument("--warmup", type=int, help="untimed steps of each schedule (default 1)")
@@ -637,6 +672,9 @@ def main(argv=None) -> dict:
         peak[p] = peak_matmul(device, p, n)
         log(f"peak torch.mm {p}: {peak[p]['gflops']:.1f} GFLOP/s (best of n = {n}: "
             + ", ".join(f"{v:.1f}" for v in peak[p]["gflops_per_size"].values()) + ")")
+    if args.teacher_precision != "amp" and int8_supported(device):
+        peak["int8"] = peak_matmul(device, "int8", sizes if device.type == "cpu" else [4096])
+        log(f"peak int8 quantized GEMM: {peak['int8']['gflops']:.1f} GOP/s")
     result["peak_matmul"] = peak
 
     # -- data, config, networks
@@ -653,6 +691,18 @@ def main(argv=None) -> dict:
         teachers[role] = net.requires_grad_(False).eval().to(device)
     result["config"]["teacher_weights"] = {r: getattr(args, f"{r}_checkpoint") or "random init" for r in teachers}
 
+    # -- int8 teacher copies, made and checked as the trainer makes them (furnace.engine.int8_copies)
+    int8, int8_info = {}, {}
+    if args.teacher_precision != "amp" and int8_supported(device):
+        for role, (copy8, agree, seconds) in int8_copies(teachers, C, datasets).items():
+            int8[role] = copy8
+            int8_info[role] = dict(check_agreement=agree, quantize_and_check_seconds=seconds,
+                                   calibration_images=C.teacher_calibration_images,
+                                   check_images=C.teacher_check_images)
+            log(f"teacher {role}: int8 copy made and checked in {seconds:.0f} s; argmax agreement with fp32 on the "
+                f"valid pixels of {C.teacher_check_images} labeled crops: {agree:.4f}")
+    result["int8_teachers"] = int8_info
+
     # -- teacher inference variants, on the teacher batch of one step (u0, u1, u_m, x_l)
     probe_streams = Streams(C, datasets, device, iters=1, epoch=2)
     batch = probe_streams.next()
@@ -662,7 +712,7 @@ def main(argv=None) -> dict:
     for role, net in teachers.items():
         side = min(args.low_precision_side, args.crop) if device.type == "cpu" else None
         probe[role], majority[role] = probe_teacher(net, teacher_in[:args.probe_images], device, precisions, side,
-                                                    repeats=args.probe_repeats)
+                                                    repeats=args.probe_repeats, int8=int8.get(role))
         for name, r in probe[role].items():
             log(f"teacher {role} ({nets[role]}) {name}: {r['seconds_per_image'] * 1000:.0f} ms/image "
                 f"({r['images']} images), argmax agreement with fp32 {r['argmax_agreement']:.4f}")
@@ -694,6 +744,25 @@ def main(argv=None) -> dict:
         cl, why_cl = args.channels_last == "on", "set by --channels-last"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs CUDA")
+    # teachers: int8 where the trainer would take it (teacher_precision 'auto': agreement at least
+    # teacher_int8_min_agreement) and where it is measured faster than the fp32 BN-folded teacher
+    teacher_precision, why_teacher = {}, {}
+    for role in teachers:
+        if role not in int8:
+            teacher_precision[role] = precision
+            why_teacher[role] = ("--teacher-precision amp" if args.teacher_precision == "amp"
+                                 else f"no int8 kernels on {device.type}")
+            continue
+        agree = int8_info[role]["check_agreement"]
+        ratio = probe[role][INT8_VARIANT]["seconds_per_image"] / probe[role][FOLDED_VARIANT]["seconds_per_image"]
+        ok = agree >= C.teacher_int8_min_agreement
+        use = args.teacher_precision == "int8" or (ok and ratio < 1)
+        teacher_precision[role] = "int8" if use else precision
+        why_teacher[role] = (f"int8 takes {ratio:.2f}x the fp32 time, agreement {agree:.4f} "
+                             f"{'>=' if ok else '<'} teacher_int8_min_agreement {C.teacher_int8_min_agreement}"
+                             + (" (forced by --teacher-precision int8)" if args.teacher_precision == "int8" else ""))
+    result["ours_teacher_precision"] = dict(precision=teacher_precision, reason=why_teacher)
+    log("ours: teachers " + ", ".join(f"{r} {teacher_precision[r]} ({why_teacher[r]})" for r in teachers))
     result["ours_choice"] = dict(precision=precision, precision_reason=why, channels_last=cl,
                                  channels_last_reason=why_cl, low_precision_time_ratio=low)
     log(f"ours: precision {precision} ({why}); channels_last {cl} ({why_cl})")
@@ -718,16 +787,18 @@ def main(argv=None) -> dict:
     # -- the steps, interleaved. Published: its own teacher copies in train-mode BN, fp32, NCHW.
     C_ours = EasyDict(dict(C, amp=AMP[precision], channels_last=cl, teacher_bn="eval"))
     C_pub = EasyDict(dict(C, amp="off", channels_last=False, teacher_bn="train"))
-    # (teacher_predict keeps the BN-folded copy of each teacher, in the chosen memory format)
+    # (teacher_predict keeps the BN-folded copy of each fp32 teacher, in the chosen memory format)
     fmt = torch.channels_last if cl else torch.contiguous_format
-    ours_teachers = teachers
+    ours_teachers = {r: int8[r] if teacher_precision[r] == "int8" else t for r, t in teachers.items()}
     pub_teachers = {r: copy.deepcopy(t).train() for r, t in teachers.items()}
     schedules = [Schedule("ours", copy.deepcopy(student).to(memory_format=fmt), ours_teachers, C_ours, mgd_step,
-                          device),
-                 Schedule("published", copy.deepcopy(student), pub_teachers, C_pub, published_mgd_step, device)]
-    if precision != "fp32":  # same-precision comparison
-        schedules.append(Schedule("ours_fp32", copy.deepcopy(student), {r: t for r, t in ours_teachers.items()},
-                                  EasyDict(dict(C_ours, amp="off")), mgd_step, device))
+                          device, teacher_precision),
+                 Schedule("published", copy.deepcopy(student), pub_teachers, C_pub, published_mgd_step, device,
+                          {r: "fp32" for r in teachers})]
+    all_fp32 = precision == "fp32" and all(p == "fp32" for p in teacher_precision.values())
+    if not all_fp32:  # same-precision comparison: ours with fp32 student and fp32 teachers
+        schedules.append(Schedule("ours_fp32", copy.deepcopy(student), teachers, EasyDict(dict(C_ours, amp="off")),
+                                  mgd_step, device, {r: "fp32" for r in teachers}))
     rounds = args.warmup + args.repeats
     streams = Streams(C, datasets, device, iters=rounds * len(schedules))
     for r in range(rounds):
@@ -745,7 +816,7 @@ def main(argv=None) -> dict:
     t_ours32 = steps.get("ours_fp32", steps["ours"])["seconds"]["step"]
     # the peak again after the steps: the better of the two measurements is the machine's limit (other
     # processes can only slow a measurement down)
-    for p in {"fp32", precision}:
+    for p in {"fp32", precision, *teacher_precision.values()}:
         again = peak_matmul(device, p, [peak[p]["n"]])
         peak[p]["gflops_after_steps"] = again["gflops"]
         peak[p]["gflops"] = max(peak[p]["gflops"], again["gflops"])
@@ -753,22 +824,26 @@ def main(argv=None) -> dict:
         f"peak used: {peak['fp32']['gflops']:.1f}")
     result["speedup_vs_published"] = t_pub / t_ours
     result["speedup_same_precision"] = t_pub / t_ours32
-    result["speedup_note"] = (f"published step (fp32, train-mode teacher BN, separate calls) over ours "
-                              f"({precision}, eval-mode BN-folded teachers via teacher_predict, student "
-                              f"channels_last={cl}); same batch, crop, "
-                              f"data streams; same-precision ratio uses ours at fp32"
-                              + (" (ours already fp32: the same measurement)" if precision == "fp32" else ""))
-    result["utilization"] = flops["ours"] / t_ours / (peak[precision]["gflops"] * 1e9)
-    result["utilization_published"] = flops["published"] / t_pub / (peak["fp32"]["gflops"] * 1e9)
-    # where the time goes: each phase's FLOP rate against the same peak
+    result["speedup_note"] = (f"published step (fp32, train-mode teacher BN, separate calls) over ours (student "
+                              f"{precision}, teachers " + ", ".join(f"{r} {p}" for r, p in teacher_precision.items())
+                              + f", eval-mode BN-folded teachers via teacher_predict, student channels_last={cl}); "
+                              "same batch, crop, data streams; same-precision ratio uses ours with fp32 student "
+                              "and fp32 teachers" + (" (ours already all fp32: the same measurement)" if all_fp32 else ""))
+    # utilization: the step time the machine's measured peaks allow (each teacher's FLOPs at the peak of its
+    # precision, the student's at the student's) over the measured step time
+    t_flops = result["flops_teachers_per_step"]
     for name, st in steps.items():
         sec, fl = st["seconds"], flops["published" if name == "published" else "ours"]
-        rate = peak["fp32" if st["precision"] == "off" else st["precision"]]["gflops"] * 1e9
-        t_flops = result["flops_teachers_per_step"]
+        student_rate = peak["fp32" if st["precision"] == "off" else st["precision"]]["gflops"] * 1e9
+        teacher_ideal = sum(t_flops[r] / (peak[p]["gflops"] * 1e9) for r, p in st["teacher_precision"].items())
+        student_ideal = (fl - sum(t_flops.values())) / student_rate
+        st["ideal_seconds"] = teacher_ideal + student_ideal
         st["utilization_by_phase"] = dict(
-            teachers=t_flops / sec["teacher"] / rate,
-            student_forward_backward=(fl - t_flops) / (sec["student_forward"] + sec["backward"]) / rate,
-            step=fl / sec["step"] / rate)
+            teachers=teacher_ideal / sec["teacher"],
+            student_forward_backward=student_ideal / (sec["student_forward"] + sec["backward"]),
+            step=st["ideal_seconds"] / sec["step"])
+    result["utilization"] = steps["ours"]["utilization_by_phase"]["step"]
+    result["utilization_published"] = steps["published"]["utilization_by_phase"]["step"]
     teacher_share = steps["ours"]["seconds"]["teacher"] / t_ours
     result["offline_teacher_upper_bound"] = dict(
         teacher_share_of_step=teacher_share, speedup_if_teachers_free=1 / max(1 - teacher_share, 1e-9),
@@ -801,11 +876,12 @@ def format_table(R: dict) -> str:
     for name, s in R["steps"].items():
         sec = s["seconds"]
         prec = "fp32" if s["precision"] == "off" else s["precision"]
+        teacher_prec = "/".join(sorted(set(s["teacher_precision"].values())))
         fl = R["flops_per_step"]["published" if name == "published" else "ours"]
-        util = fl / sec["step"] / (R["peak_matmul"][prec]["gflops"] * 1e9)
+        util = s["utilization_by_phase"]["step"]
         mem = f"{s['peak_memory_mb']:.0f} | {s['step_memory_mb']:.0f}" if s["peak_memory_mb"] is not None else "- | -"
         layout = "NHWC" if s["channels_last"] else "NCHW"
-        lines.append(f"| {name} | {prec}, student {layout}, teacher BN {s['teacher_bn']} | "
+        lines.append(f"| {name} | student {prec} {layout}, teachers {teacher_prec}, BN {s['teacher_bn']} | "
                      f"{sec['data']:.3f} | {sec['teacher']:.2f} | {sec['student_forward']:.2f} | {sec['backward']:.2f} "
                      f"| {sec['optimizer']:.3f} | {sec['step']:.2f} | {s['images_per_second']:.2f} | {mem} | "
                      f"{fl / 1e9:.0f} | {util:.1%} |")
@@ -813,13 +889,17 @@ def format_table(R: dict) -> str:
     L, E = R["loader"], R["eval"]
     lines += ["", f"speedup_vs_published = {R['speedup_vs_published']:.2f}x, speedup_same_precision = "
                   f"{R['speedup_same_precision']:.2f}x ({R['speedup_note']})",
-              f"utilization (ours) = {R['utilization']:.1%} of the measured {R['ours_choice']['precision']} "
-              f"torch.mm peak; published {R['utilization_published']:.1%} of the fp32 peak",
-              "utilization by phase (FLOP rate / peak): " + "; ".join(
+              f"utilization (ours) = {R['utilization']:.1%}, published {R['utilization_published']:.1%}: the step "
+              f"time at the measured peak of each part's precision (teachers: theirs, student: its own) over the "
+              f"measured step time",
+              "utilization by phase: " + "; ".join(
                   f"{n}: teachers {s['utilization_by_phase']['teachers']:.1%}, student forward+backward "
                   f"{s['utilization_by_phase']['student_forward_backward']:.1%}" for n, s in R["steps"].items())
-              + f" (teachers do {R['flops_teachers_per_step'] / R['flops_per_step']['ours']:.0%} of our FLOPs)",
-              "peak torch.mm: " + ", ".join(f"{p} {v['gflops']:.1f} GFLOP/s (n={v['n']})"
+              + f" (teachers do {sum(R['flops_teachers_per_step'].values()) / R['flops_per_step']['ours']:.0%} of "
+                f"our FLOPs)",
+              "ours' teachers: " + "; ".join(f"{r} {p} ({R['ours_teacher_precision']['reason'][r]})"
+                                            for r, p in R["ours_teacher_precision"]["precision"].items()),
+              "peak matrix multiply: " + ", ".join(f"{p} {v['gflops']:.1f} G{'OP' if p == 'int8' else 'FLOP'}/s (n={v['n']})"
                                             for p, v in R["peak_matmul"].items()),
               f"grad_max_rel_diff = {g['grad_max_rel_diff']:.2e} ({g['note']})",
               f"loader alone ({L['num_workers']} workers x 3 streams): {L['images_per_second']:.1f} images/s vs "
