@@ -165,13 +165,19 @@ def int8_copies(teachers: Dict[str, nn.Module], C: EasyDict, datasets: Dict[str,
     return out
 
 
+def keeps_int8(C: EasyDict, agreement: float) -> bool:
+    """The acceptance test of an int8 copy: forced by teacher_precision='int8', or its measured argmax
+    agreement with the fp32 teacher reaches teacher_int8_min_agreement."""
+    return C.teacher_precision == "int8" or agreement >= C.teacher_int8_min_agreement
+
+
 def int8_teachers(teachers: Dict[str, nn.Module], C: EasyDict, datasets: Dict[str, Dataset],
                   log: logging.Logger) -> Dict[str, nn.Module]:
     """Each teacher replaced by its int8 copy (furnace.quantize) where the copy agrees with the fp32 teacher
     on at least C.teacher_int8_min_agreement of the checked pixels (always, with teacher_precision='int8')."""
     out = {}
     for role, (int8, agreement, seconds) in int8_copies(teachers, C, datasets).items():
-        keep = C.teacher_precision == "int8" or agreement >= C.teacher_int8_min_agreement
+        keep = keeps_int8(C, agreement)
         out[role] = int8 if keep else teachers[role]
         log.info(f"teacher_{role}: int8 copy agrees with fp32 on {agreement:.4f} of the valid pixels of "
                  f"{C.teacher_check_images} labeled crops (teacher_int8_min_agreement={C.teacher_int8_min_agreement}, "

@@ -17,9 +17,9 @@ from easydict import EasyDict
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
 from furnace.distributed import all_reduce_sum
-from furnace.quantize import Int8Teacher
 from furnace.losses import (ce_loss, combine_cutmix, content_aware_loss, count_valid, ohem_ce,
                             pseudo_label_ce, semantic_sensitive_loss)
+from furnace.quantize import Int8Teacher
 
 Terms = Dict[str, torch.Tensor]
 

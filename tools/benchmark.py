@@ -72,8 +72,8 @@ from furnace.config import new_config, resolve
 from furnace.data import VOC_CLASS_NAMES
 from furnace.data import cutmix_box_mask
 from furnace.distributed import DistInfo
-from furnace.engine import (LABELED, UNLABELED_0, UNLABELED_1, build_datasets, int8_copies, param_groups,
-                            stream_loader)
+from furnace.engine import (LABELED, UNLABELED_0, UNLABELED_1, build_datasets, int8_copies, keeps_int8,
+                            param_groups, stream_loader)
 from furnace.evaluate import sliding_probs
 from furnace.losses import combine_cutmix, content_aware_loss, pseudo_label_ce, semantic_sensitive_loss
 from furnace.methods import folded_teacher, mgd_step, mix, supervised_loss, teacher_predict
@@ -236,7 +236,7 @@ def loadavg() -> Optional[List[float]]:
 # ------------------------------------------------------------------------------------------ measurements
 def peak_matmul(device: torch.device, precision: str, sizes: List[int], repeats: int = 3) -> dict:
     """The machine's matrix-multiply limit: torch.mm of two n x n matrices (2 n^3 FLOPs) for each n in `sizes`
-    (int8: torch._int_mm, int8 inputs and int32 sums, 2 n^3 operations);
+    (int8: a quantized Linear, uint8 x int8 with int32 sums, 2 n^3 operations);
     the best rate (fastest of `repeats` calls, best size) is the peak: a peak is what the machine can do,
     and the fastest call is the one least disturbed by other processes."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -672,7 +672,8 @@ def main(argv=None) -> dict:
         peak[p] = peak_matmul(device, p, n)
         log(f"peak torch.mm {p}: {peak[p]['gflops']:.1f} GFLOP/s (best of n = {n}: "
             + ", ".join(f"{v:.1f}" for v in peak[p]["gflops_per_size"].values()) + ")")
-    if args.teacher_precision != "amp" and int8_supported(device):
+    try_int8 = args.teacher_precision != "amp" and int8_supported(device)
+    if try_int8:
         peak["int8"] = peak_matmul(device, "int8", sizes if device.type == "cpu" else [4096])
         log(f"peak int8 quantized GEMM: {peak['int8']['gflops']:.1f} GOP/s")
     result["peak_matmul"] = peak
@@ -693,7 +694,7 @@ def main(argv=None) -> dict:
 
     # -- int8 teacher copies, made and checked as the trainer makes them (furnace.engine.int8_copies)
     int8, int8_info = {}, {}
-    if args.teacher_precision != "amp" and int8_supported(device):
+    if try_int8:
         for role, (copy8, agree, seconds) in int8_copies(teachers, C, datasets).items():
             int8[role] = copy8
             int8_info[role] = dict(check_agreement=agree, quantize_and_check_seconds=seconds,
@@ -756,7 +757,8 @@ def main(argv=None) -> dict:
         agree = int8_info[role]["check_agreement"]
         ratio = probe[role][INT8_VARIANT]["seconds_per_image"] / probe[role][FOLDED_VARIANT]["seconds_per_image"]
         ok = agree >= C.teacher_int8_min_agreement
-        use = args.teacher_precision == "int8" or (ok and ratio < 1)
+        use = keeps_int8(EasyDict(C, teacher_precision=args.teacher_precision), agree) and (
+            args.teacher_precision == "int8" or ratio < 1)
         teacher_precision[role] = "int8" if use else precision
         why_teacher[role] = (f"int8 takes {ratio:.2f}x the fp32 time, agreement {agree:.4f} "
                              f"{'>=' if ok else '<'} teacher_int8_min_agreement {C.teacher_int8_min_agreement}"
