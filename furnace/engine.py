@@ -23,12 +23,13 @@ from easydict import EasyDict
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from furnace import teacher_labels
 from furnace.checkpoint import load_checkpoint, save_checkpoint, segmentor_from_checkpoint
 from furnace.config import config_from_cli, crop_hw
 from furnace.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed
 from furnace.methods import CPSPair, cps_step, mgd_step, resolve_amp, supervised_step
 from furnace.models import build_segmentor, zero_init_residual_
-from furnace.quantize import argmax_agreement, int8_supported, quantize_teacher
+from furnace.quantize import Int8Teacher, argmax_agreement, int8_supported, quantize_teacher
 
 LABELED, UNLABELED_0, UNLABELED_1, CUTMIX, CALIBRATION = 0, 1, 2, 3, 4  # random streams
 
@@ -221,6 +222,8 @@ class Trainer:
 
         self.datasets = build_datasets(C)
         self.teachers = load_teachers(C, self.info, self.datasets, self.log) if C.method == "mgd" else None
+        if C.method == "mgd" and C.teacher_labels == "offline":
+            self._offline_teacher_labels()
         torch.manual_seed(C.seed)  # same initialisation on every process
         if C.method == "cps":
             model = CPSPair(self._new_network(), self._new_network())
@@ -247,6 +250,16 @@ class Trainer:
             self.step_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
                 broadcast_buffers=False)
+
+    def _offline_teacher_labels(self) -> None:
+        """Each teacher's pseudo-label of every training image, made once (furnace.teacher_labels) and
+        loaded by the datasets from then on."""
+        amp = "fp32" if self.C.amp == "off" else self.C.amp
+        precisions = {r: "int8" if isinstance(t, Int8Teacher) else amp for r, t in self.teachers.items()}
+        start = time.time()
+        root = teacher_labels.precompute(self.teachers, self.datasets, self.C, self.info, precisions)
+        teacher_labels.attach(self.datasets, root)
+        self.log.info(f"offline teacher labels in {root} ({time.time() - start:.0f} s to make or check)")
 
     def _new_network(self) -> nn.Module:
         model = build_segmentor(self.C.network, self.C.num_classes, pretrained=self.C.pretrained,
@@ -333,7 +346,12 @@ class Trainer:
         u0 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_0, epoch, n)
         u1 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_1, epoch, n)
         for b, b0, b1 in zip(labeled, u0, u1):
-            yield {"x_l": b["image"], "y_l": b["label"], "u0": b0["image"], "u1": b1["image"]}
+            batch = {"x_l": b["image"], "y_l": b["label"], "u0": b0["image"], "u1": b1["image"]}
+            for role in ("deep", "wide"):  # offline teachers' pseudo-labels (mgd_step)
+                if f"teacher_{role}" in b0:
+                    batch.update({f"{role}_l": b[f"teacher_{role}"], f"{role}_u0": b0[f"teacher_{role}"],
+                                  f"{role}_u1": b1[f"teacher_{role}"]})
+            yield batch
 
     def _step(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         C, dev, world = self.C, self.info.device, self.info.world_size

@@ -29,16 +29,21 @@ def combine_cutmix(logits_u0: torch.Tensor, logits_u1: torch.Tensor, mask: torch
 
 
 def pseudo_label_ce(logits: torch.Tensor,
-                    teacher_logits: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+                    teacher: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pixel-level consistency  L = mean_p CE(logits_p, argmax_c t_p).
+    """Pixel-level consistency  L = mean_p CE(logits_p, y_p),  y = argmax_c t_p  over pixels with a y_p.
 
-    With `mask` (B,1,H,W), `teacher_logits` is the pair (t(u0), t(u1)) and t = t(u0)*(1-m) + t(u1)*m,
-    the teacher's view of the CutMix image. The pseudo-label carries no gradient."""
+    `teacher` is the teacher's logits t (B,C,H,W), or its pseudo-labels y (B,H,W, integer, 255 = none:
+    offline teachers, furnace.teacher_labels). With `mask` (B,1,H,W) it is the pair for (u0, u1) and
+    t = t(u0)*(1-m) + t(u1)*m (labels: y(u1) inside the boxes, y(u0) outside), the teacher's view of the
+    CutMix image. The pseudo-label carries no gradient."""
     if mask is not None:
-        teacher_logits = combine_cutmix(teacher_logits[0], teacher_logits[1], mask)
-    pseudo = teacher_logits.detach().argmax(dim=1)
-    return F.cross_entropy(logits.float(), pseudo)
+        if teacher[0].is_floating_point():
+            teacher = combine_cutmix(teacher[0], teacher[1], mask)
+        else:
+            teacher = torch.where(mask[:, 0] > 0.5, teacher[1], teacher[0])
+    pseudo = teacher.detach().argmax(dim=1) if teacher.is_floating_point() else teacher
+    return F.cross_entropy(logits.float(), pseudo, ignore_index=IGNORE_INDEX)
 
 
 def semantic_sensitive_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

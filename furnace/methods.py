@@ -199,37 +199,56 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
              device: torch.device, world_size: int = 1) -> Tuple[torch.Tensor, Terms]:
     """Multi-granularity distillation from a deep teacher T_D and a wide teacher T_W (both frozen).
 
-    The teachers see u0, u1, the mixed image u_m and x_l in one call each; the student sees x_l and u_m
-    in one call. Only what carries a gradient to the student is computed (no reverse terms, no student
-    pass on u0 and u1)."""
+    Online teachers (C.teacher_labels='online') see u0, u1, the mixed image u_m and x_l in one call each.
+    Offline teachers ('offline') see u_m only, and only for the image- and region-level terms: their
+    pseudo-labels of u0, u1 and x_l come with the batch ('<role>_u0', '<role>_u1', '<role>_l', made once per
+    image by furnace.teacher_labels). The student sees x_l and u_m in one call. Only what carries a gradient
+    to the student is computed (no reverse terms, no student pass on u0 and u1)."""
     x_l, y_l, u0, u1, mask = batch["x_l"], batch["y_l"], batch["u0"], batch["u1"], batch["mask"]
     n_l, n_u = x_l.shape[0], u0.shape[0]
     u_m = mix(u0, u1, mask)
     need_labeled = C.pixel_labeled_weight > 0
-    teacher_in = torch.cat([u0, u1, u_m, x_l] if need_labeled else [u0, u1, u_m])
-    sizes = [n_u, n_u, n_u] + ([n_l] if need_labeled else [])
-
-    deep, _ = teacher_predict(teachers["deep"], teacher_in, C.amp, False, C.channels_last)
-    wide, wide_feat = teacher_predict(teachers["wide"], teacher_in, C.amp, C.region_weight > 0, C.channels_last)
-    deep, wide = deep.split(sizes), wide.split(sizes)
+    offline = C.teacher_labels == "offline"
+    if offline:
+        views = {"u_m": u_m}
+        needed = {"deep": C.semantic_weight > 0, "wide": C.region_weight > 0}
+    else:
+        views = {"u0": u0, "u1": u1, "u_m": u_m, **({"x_l": x_l} if need_labeled else {})}
+        needed = {"deep": True, "wide": True}
+    teacher_in = torch.cat(list(views.values()))
+    sizes = [v.shape[0] for v in views.values()]
+    logits, wide_feat = {}, None
+    for role in ("deep", "wide"):
+        if needed[role]:
+            out, feat = teacher_predict(teachers[role], teacher_in, C.amp, role == "wide" and C.region_weight > 0,
+                                        C.channels_last)
+            logits[role] = dict(zip(views, out.split(sizes)))
+            if feat is not None:
+                wide_feat = dict(zip(views, feat.split(sizes)))
+    if offline:  # integer pseudo-labels, 255 where the crop is padding
+        pseudo = {role: {"u0": batch[f"{role}_u0"], "u1": batch[f"{role}_u1"], "x_l": batch.get(f"{role}_l")}
+                  for role in ("deep", "wide")}
+    else:
+        pseudo = logits
 
     with autocast(device, C.amp):
         out = student(torch.cat([x_l, u_m]), return_features=True)
     s_l, s_m = out["logits"].float().split([n_l, n_u])
 
+    deep, wide = pseudo["deep"], pseudo["wide"]
     terms = {"sup": C.sup_weight * supervised_loss(C, s_l, y_l, world_size)}
     if C.pixel_unlabeled_weight > 0:
-        terms["pix_u"] = C.pixel_unlabeled_weight * (pseudo_label_ce(s_m, (deep[0], deep[1]), mask)
-                                                     + pseudo_label_ce(s_m, (wide[0], wide[1]), mask))
+        terms["pix_u"] = C.pixel_unlabeled_weight * (pseudo_label_ce(s_m, (deep["u0"], deep["u1"]), mask)
+                                                     + pseudo_label_ce(s_m, (wide["u0"], wide["u1"]), mask))
     if need_labeled:
-        terms["pix_l"] = C.pixel_labeled_weight * (pseudo_label_ce(s_l, deep[3]) + pseudo_label_ce(s_l, wide[3]))
+        terms["pix_l"] = C.pixel_labeled_weight * (pseudo_label_ce(s_l, deep["x_l"])
+                                                   + pseudo_label_ce(s_l, wide["x_l"]))
     if C.semantic_weight > 0:
         # lambda_1 was tuned for a sum over `semantic_batch` images per GPU: use the per-image mean times
         # that count, so the term does not change with batch size or process count.
-        per_image = semantic_sensitive_loss(s_m, deep[2]) / n_u
+        per_image = semantic_sensitive_loss(s_m, logits["deep"]["u_m"]) / n_u
         terms["semantic"] = C.semantic_weight * C.semantic_batch * per_image
     if C.region_weight > 0:
-        f_student = out["decoder"][n_l:]
-        f_wide = wide_feat.split(sizes)[2]
-        terms["region"] = C.region_weight * content_aware_loss(f_student, f_wide, C.region_grid)
+        terms["region"] = C.region_weight * content_aware_loss(out["decoder"][n_l:], wide_feat["u_m"],
+                                                               C.region_grid)
     return _finish(terms)

@@ -44,6 +44,9 @@ class SegmentationDataset(Dataset):
         self.mode, self.num_classes = mode, int(num_classes)
         # no transform given: normalise only (the val transform), whatever the mode
         self.transform = transform if transform is not None else ValTransform()
+        # role -> folder of per-image label maps (offline teachers, furnace.teacher_labels): each is loaded
+        # with the image and augmented exactly as a label is, returned as sample['teacher_<role>']
+        self.teacher_label_dirs: Dict[str, Path] = {}
 
     # ---- to override -------------------------------------------------------------------------------
     def _parse_name(self, line: str) -> str:
@@ -106,11 +109,32 @@ class SegmentationDataset(Dataset):
         name = self.names[i]
         image, label = self.load(name)
         rng = np.random.default_rng(key)
-        image_t, label_t = self.transform(image, label, rng)
+        if not self.teacher_label_dirs:
+            image_t, label_t = self.transform(image, label, rng)
+            sample = dict(image=image_t, name=name)
+            if label_t is not None:
+                sample["label"] = label_t
+            return sample
+        # the maps ride along as extra label channels, so one draw of the transform moves them all alike
+        maps = ([label] if label is not None else []) + [self._teacher_map(d, name, image.shape[:2])
+                                                         for d in self.teacher_label_dirs.values()]
+        image_t, maps_t = self.transform(image, np.stack(maps, axis=-1), rng)
+        maps_t = maps_t.reshape(*image_t.shape[1:], len(maps)).unbind(-1)
         sample = dict(image=image_t, name=name)
-        if label_t is not None:
-            sample["label"] = label_t
+        if label is not None:
+            sample["label"], maps_t = maps_t[0], maps_t[1:]
+        for role, m in zip(self.teacher_label_dirs, maps_t):
+            sample[f"teacher_{role}"] = m
         return sample
+
+    @staticmethod
+    def _teacher_map(folder: Path, name: str, size: Tuple[int, int]) -> np.ndarray:
+        path = folder / f"{name}.png"
+        m = read_label(path)
+        if m.shape != size:
+            raise ValueError(f"teacher label {path} is {m.shape[0]}x{m.shape[1]} but its image is "
+                             f"{size[0]}x{size[1]}: stale offline labels? delete the folder to recompute them")
+        return m
 
     def validate(self, check_labels: bool = True, workers: Optional[int] = None) -> int:
         """Scan every item's files (see check_dataset); returns the number of items."""

@@ -1,0 +1,161 @@
+"""Offline teachers (furnace/teacher_labels.py, C.teacher_labels='offline'): the stored maps are the teachers'
+whole-image argmax, the datasets augment them exactly as labels, the offline step equals the online step
+when it is given the online pseudo-labels (with fewer teacher images), and a finished or foreign cache is
+reused or refused, never overwritten."""
+import json
+import shutil
+
+import pytest
+import torch
+from easydict import EasyDict
+
+from furnace.config import collect_overrides, resolve
+from furnace.data import build_dataset, read_image, read_label
+from furnace.data.transforms import normalize
+from furnace.distributed import DistInfo
+from furnace.engine import Trainer, cutmix_masks
+from furnace.evaluate import predict_probs
+from furnace.losses import pseudo_label_ce
+import furnace.methods as methods
+from furnace.methods import mgd_step
+from furnace.models import build_segmentor
+from furnace.teacher_labels import agreement, attach, label_path
+from trainkit import NUM_CLASSES, exp_config, make_teacher, overrides, train_in_process
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def config(toy, out, **changes):
+    return resolve(exp_config(), collect_overrides([], overrides(toy, out, **changes), environ={}))
+
+
+def dict_config(C, **changes):
+    return EasyDict(dict(C, **changes))
+
+
+@pytest.fixture(scope="module")
+def teacher_paths(tmp_path_factory):
+    d = tmp_path_factory.mktemp("offline_teachers")
+    return str(make_teacher(d / "deep.pth", seed=1)), str(make_teacher(d / "wide.pth", seed=2))
+
+
+def test_pseudo_label_ce_takes_labels_and_ignores_255():
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])             # (1, 2 classes, 1, 2 pixels)
+    p = logits.softmax(1)
+    labels_u0, labels_u1 = torch.tensor([[[0, 1]]]), torch.tensor([[[1, 255]]])
+    mask = torch.tensor([[[[0.0, 1.0]]]])                              # pixel 1 from u1: no label there
+    assert pseudo_label_ce(logits, (labels_u0, labels_u1), mask).item() == pytest.approx(-float(p[0, 0, 0, 0].log()))
+    assert pseudo_label_ce(logits, labels_u0).item() == pytest.approx(
+        -float(p[0, 0, 0, 0].log() + p[0, 1, 0, 1].log()) / 2)
+    # labels = the argmax of logits: the same loss as the logits themselves
+    t0, t1 = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    s, m = torch.randn(2, 3, 4, 5), (torch.rand(2, 1, 4, 5) > 0.5).float()
+    assert torch.equal(pseudo_label_ce(s, (t0, t1), m), pseudo_label_ce(s, (t0.argmax(1), t1.argmax(1)), m))
+
+
+def test_datasets_augment_teacher_maps_exactly_like_labels(toy, tmp_path):
+    C = config(toy, tmp_path)
+    labeled, unlabeled = build_dataset(C, "labeled"), build_dataset(C, "unlabeled")
+    for role in ("deep", "wide"):  # the ground truth stored as both teachers' maps: must come back as the label
+        shutil.copytree(toy / "train_aug" / "label", tmp_path / "maps" / role)
+    plain = build_dataset(C, "labeled")
+    attach({"l": labeled, "u": unlabeled}, str(tmp_path / "maps"))
+    as_labeled = build_dataset(C, "labeled")
+    as_labeled.names = unlabeled.names
+    for key in [(0, (1, 2, 3)), (1, (7, 0, 0, 5)), (2, (3,))]:
+        a, b = labeled[key], plain[key]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert torch.equal(a["teacher_deep"], a["label"]) and torch.equal(a["teacher_wide"], a["label"])
+        u, ref = unlabeled[key], as_labeled[key]
+        assert "label" not in u and torch.equal(u["image"], ref["image"])
+        assert torch.equal(u["teacher_deep"], ref["label"]) and (u["teacher_deep"] == 255).any() == (ref["label"] == 255).any()
+    (tmp_path / "maps" / "wide" / f"{labeled.names[0]}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=f"wide/{labeled.names[0]}.png"):
+        labeled[0]
+
+
+def test_offline_step_equals_online_step_given_the_online_pseudo_labels(toy, tmp_path, monkeypatch):
+    """Same batch: offline mgd_step with the online teachers' argmax as its labels gives the same loss terms
+    and student gradients as the online step, and its teachers see only the mixed images."""
+    C = config(toy, tmp_path, method="mgd")
+    torch.manual_seed(0)
+    student = build_segmentor("mobilenet_v2", NUM_CLASSES).eval()  # eval: both steps see the same BN statistics
+    teachers = {r: build_segmentor("mobilenet_v2", NUM_CLASSES).eval().requires_grad_(False) for r in ("deep", "wide")}
+    g = torch.Generator().manual_seed(3)
+    batch = {k: torch.randn(2, 3, 32, 32, generator=g) for k in ("x_l", "u0", "u1")}
+    batch["y_l"] = torch.randint(0, NUM_CLASSES, (2, 32, 32), generator=g)
+    batch["mask"] = cutmix_masks(C, DistInfo(0, 1, 0, torch.device("cpu")), 0)
+    seen, original = [], methods.teacher_predict  # images per teacher call
+
+    def counting_teacher_predict(teacher, x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return original(teacher, x, *args, **kwargs)
+    monkeypatch.setattr(methods, "teacher_predict", counting_teacher_predict)
+    results = {}
+    for mode in ("online", "offline"):
+        b = dict(batch)
+        if mode == "offline":
+            with torch.no_grad():
+                for role, t in teachers.items():
+                    b.update({f"{role}_u0": t(batch["u0"]).argmax(1), f"{role}_u1": t(batch["u1"]).argmax(1),
+                              f"{role}_l": t(batch["x_l"]).argmax(1)})
+        seen.clear()
+        student.zero_grad(set_to_none=True)
+        loss, terms = mgd_step(student, teachers, b, dict_config(C, teacher_labels=mode), torch.device("cpu"))
+        loss.backward()
+        results[mode] = (terms, [p.grad.clone() for p in student.parameters()], list(seen))
+    (on_terms, on_grads, on_seen), (off_terms, off_grads, off_seen) = results["online"], results["offline"]
+    assert set(on_terms) == set(off_terms) == {"sup", "pix_u", "pix_l", "semantic", "region"}
+    for k in on_terms:
+        assert torch.allclose(on_terms[k], off_terms[k], rtol=1e-5, atol=1e-7), k
+    scale = max(float(g.abs().max()) for g in on_grads)
+    assert max(float((a - b).abs().max()) for a, b in zip(on_grads, off_grads)) <= 1e-5 * scale
+    assert on_seen == [8, 8] and off_seen == [2, 2]  # (u0, u1, u_m, x_l) per teacher online, u_m offline
+
+
+def test_offline_run_stores_each_teachers_argmax_then_reuses_and_guards_it(toy, tmp_path, teacher_paths):
+    deep, wide = teacher_paths
+    args = dict(method="mgd", epochs=1, iters_per_epoch=2, teacher_deep=deep, teacher_wide=wide,
+                teacher_labels="offline", eval_crop_size=48)
+    train_in_process(overrides(toy, tmp_path / "run", **args))
+    root = tmp_path / "run" / "teacher_labels"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["teachers"]["deep"]["precision"] == "fp32" and manifest["inference"]["crop_size"] == [48, 48]
+    C = config(toy, tmp_path / "run", **args)
+    names = set(build_dataset(C, "labeled").names) | set(build_dataset(C, "unlabeled").names)
+    assert {p.stem for p in (root / "deep").glob("*.png")} == names == {p.stem for p in (root / "wide").glob("*.png")}
+    # a stored map is the teacher's argmax over the whole image (sliding windows of eval_crop_size)
+    name = sorted(names)[0]
+    teacher = build_segmentor("mobilenet_v2", NUM_CLASSES)
+    teacher.load_state_dict(torch.load(deep, weights_only=False)["model"])
+    image = normalize(read_image(toy / "train_aug" / "image" / f"{name}.jpg"))
+    x = torch.from_numpy(image.transpose(2, 0, 1)).unsqueeze(0)
+    with torch.no_grad():
+        expected = predict_probs(teacher.eval(), x, crop_size=48).argmax(1)[0].numpy()
+    stored = read_label(label_path(str(root), "deep", name))
+    assert (stored == expected).mean() >= 0.999  # threads may flip a near-tie
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "offline teacher labels in" in log and "epoch 1/1" in log
+
+    # a second run reuses the maps (not rewritten) ...
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.png")}
+    train_in_process(overrides(toy, tmp_path / "run2", **args, teacher_label_dir=str(root)))
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.png")} == before
+    # ... and other teachers are refused by name, leaving the maps as they were
+    with pytest.raises(ValueError, match=f"teacher_label_dir {root} holds pseudo-labels made with other teachers"):
+        Trainer(config(toy, tmp_path / "run3", **dict(args, teacher_deep=wide, teacher_wide=deep),
+                       teacher_label_dir=str(root)))
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.png")} == before
+
+
+def test_offline_agreement_counts_only_labelled_pixels():
+    logits = torch.zeros(1, 3, 1, 4)
+    logits[0, 1] = 1.0                                                  # online argmax: class 1 everywhere
+    assert agreement(torch.tensor([[[1, 1, 0, 255]]]), logits) == pytest.approx(2 / 3)
+
+
+def test_offline_with_train_mode_teacher_bn_is_refused(toy, tmp_path, teacher_paths):
+    with pytest.raises(ValueError, match="teacher_labels='offline' needs teacher_bn='eval'"):
+        config(toy, tmp_path, method="mgd", teacher_labels="offline", teacher_bn="train")
+    with pytest.raises(ValueError, match="teacher_labels='sometimes'"):
+        config(toy, tmp_path, method="mgd", teacher_labels="sometimes")
