@@ -64,6 +64,17 @@ def stream_loader(dataset: Dataset, C: EasyDict, info: DistInfo, stream: int, ep
                       num_workers=C.num_workers, pin_memory=info.device.type == "cuda", drop_last=False)
 
 
+def training_batch(labeled: dict, unlabeled_0: dict, unlabeled_1: dict) -> Dict[str, torch.Tensor]:
+    """One step's batch from the three streams' samples: x_l, y_l, u0, u1, and with offline teachers
+    (furnace.teacher_labels) each teacher's pseudo-labels <role>_l, <role>_u0, <role>_u1."""
+    batch = {"x_l": labeled["image"], "y_l": labeled["label"], "u0": unlabeled_0["image"], "u1": unlabeled_1["image"]}
+    for role in teacher_labels.ROLES:
+        if f"teacher_{role}" in unlabeled_0:
+            batch.update({f"{role}_l": labeled[f"teacher_{role}"], f"{role}_u0": unlabeled_0[f"teacher_{role}"],
+                          f"{role}_u1": unlabeled_1[f"teacher_{role}"]})
+    return batch
+
+
 def cutmix_masks(C: EasyDict, info: DistInfo, iteration: int) -> torch.Tensor:
     """This process's share of the step's global batch of CutMix masks."""
     from furnace.data import cutmix_box_mask
@@ -346,12 +357,7 @@ class Trainer:
         u0 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_0, epoch, n)
         u1 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_1, epoch, n)
         for b, b0, b1 in zip(labeled, u0, u1):
-            batch = {"x_l": b["image"], "y_l": b["label"], "u0": b0["image"], "u1": b1["image"]}
-            for role in ("deep", "wide"):  # offline teachers' pseudo-labels (mgd_step)
-                if f"teacher_{role}" in b0:
-                    batch.update({f"{role}_l": b[f"teacher_{role}"], f"{role}_u0": b0[f"teacher_{role}"],
-                                  f"{role}_u1": b1[f"teacher_{role}"]})
-            yield batch
+            yield training_batch(b, b0, b1)
 
     def _step(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         C, dev, world = self.C, self.info.device, self.info.world_size

@@ -52,10 +52,11 @@ def manifest(C: EasyDict, precisions: Dict[str, str]) -> dict:
     precision, the dataset and the inference settings."""
     teachers = {}
     for role in ROLES:
-        path = osp.realpath(C[f"teacher_{role}"])
-        st = os.stat(path)
-        teachers[role] = dict(checkpoint=path, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                              network=C[f"teacher_{role}_network"], precision=precisions[role])
+        path = C[f"teacher_{role}"]  # None: a network made in memory (tools/benchmark.py)
+        st = os.stat(path) if path else None
+        teachers[role] = dict(checkpoint=osp.realpath(path) if path else None, size=st and st.st_size,
+                              mtime_ns=st and st.st_mtime_ns, network=C[f"teacher_{role}_network"],
+                              precision=precisions[role])
     options = inference_options(C)
     options["crop_size"] = list(options["crop_size"])
     return dict(teachers=teachers, dataset=C.dataset, data_root=osp.realpath(C.data_root),

@@ -67,7 +67,16 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
         student = build_segmentor("mobilenet_v2", 21).train()
         extra = flops.count_flops(student, torch.empty(2 * 2, 3, 32, 32))
     assert saved["flops_per_step"]["published"] - saved["flops_per_step"]["ours"] == extra
-    for name in ("ours", "published"):
+    # offline teachers: the same student work, teachers on u_m only (n_u images instead of 3 n_u + n_l)
+    teacher_saved = sum(saved["flops_teachers_per_step"].values()) - sum(saved["flops_teachers_per_step_offline"].values())
+    assert saved["flops_per_step"]["ours"] - saved["flops_per_step"]["ours_offline"] == teacher_saved > 0
+    assert sum(saved["flops_teachers_per_step"].values()) == 4 * sum(saved["flops_teachers_per_step_offline"].values())
+    offline = saved["offline_teachers"]
+    assert offline["images"] == 8 + 3 and offline["seconds"] > 0  # 24 toy images: 3 labeled, first 8 unlabeled
+    assert set(offline["agreement_with_online"]) == {"deep", "wide"}
+    assert all(0 <= v <= 1 for v in offline["agreement_with_online"].values())
+    assert saved["speedup_offline_vs_published"] > 0 and offline["speedup_vs_online"] > 0
+    for name in ("ours", "published", "ours_offline"):
         sec = saved["steps"][name]["seconds"]
         assert set(sec) == {"data", "teacher", "student_forward", "backward", "optimizer", "step"}
         assert all(v >= 0 for v in sec.values()) and sec["teacher"] > 0

@@ -72,8 +72,9 @@ from furnace.config import new_config, resolve
 from furnace.data import VOC_CLASS_NAMES
 from furnace.data import cutmix_box_mask
 from furnace.distributed import DistInfo
+from furnace import teacher_labels
 from furnace.engine import (LABELED, UNLABELED_0, UNLABELED_1, build_datasets, int8_copies, keeps_int8,
-                            param_groups, stream_loader)
+                            param_groups, stream_loader, training_batch)
 from furnace.evaluate import sliding_probs
 from furnace.losses import combine_cutmix, content_aware_loss, pseudo_label_ce, semantic_sensitive_loss
 from furnace.methods import folded_teacher, mgd_step, mix, supervised_loss, teacher_predict
@@ -372,9 +373,13 @@ def count_step_flops(schedule: str, C: EasyDict, nets: Dict[str, str], n_l: int,
         batch = dict(x_l=torch.empty(n_l, 3, crop, crop), u0=torch.empty(n_u, 3, crop, crop),
                      u1=torch.empty(n_u, 3, crop, crop), mask=torch.empty(n_u, 1, crop, crop),
                      y_l=torch.zeros(n_l, crop, crop, dtype=torch.long))
-    C = EasyDict(dict(C, amp="off", channels_last=False))
+        for role in teachers:  # offline pseudo-labels
+            batch.update({f"{role}_{v}": torch.zeros(n, crop, crop, dtype=torch.long)
+                          for v, n in (("l", n_l), ("u0", n_u), ("u1", n_u))})
+    C = EasyDict(dict(C, amp="off", channels_last=False,
+                      teacher_labels="offline" if schedule == "ours_offline" else "online"))
     with FlopCounterMode(display=False) as counter:
-        if schedule == "ours":
+        if schedule != "published":
             loss, _ = mgd_step(student, teachers, batch, C, meta)
         else:
             loss, _ = published_mgd_step(student, teachers, batch, C, meta)
@@ -383,7 +388,8 @@ def count_step_flops(schedule: str, C: EasyDict, nets: Dict[str, str], n_l: int,
 
 
 def count_teacher_flops(C: EasyDict, nets: Dict[str, str], images: int, crop: int) -> Dict[str, int]:
-    """FLOPs of each teacher's forward on `images` images (the same in both schedules: 4 batches each)."""
+    """FLOPs of each teacher's forward on `images` images (online and published: x_l, u0, u1, u_m; offline:
+    u_m)."""
     total = {}
     for role in ("deep", "wide"):
         with torch.device("meta"):
@@ -434,11 +440,10 @@ class Streams:
         self.device, self.C, self.n = device, C, 0
 
     def next(self) -> Batch:
-        b, b0, b1 = next(self.it)
+        batch = training_batch(*next(self.it))
         h = w = self.C.crop_size
-        mask = cutmix_box_mask(self.C.batch_size, h, w, generator=torch.Generator().manual_seed(self.n))
+        batch["mask"] = cutmix_box_mask(self.C.batch_size, h, w, generator=torch.Generator().manual_seed(self.n))
         self.n += 1
-        batch = {"x_l": b["image"], "y_l": b["label"], "u0": b0["image"], "u1": b1["image"], "mask": mask}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -544,6 +549,35 @@ def eval_speed(student: nn.Module, device: torch.device, size: int, crop: int, r
     return out
 
 
+def offline_teacher_labels(teachers: Dict[str, nn.Module], datasets: dict, C: EasyDict, device: torch.device,
+                           precisions: Dict[str, str], images: int) -> dict:
+    """Offline pseudo-labels (furnace.teacher_labels.precompute, as the trainer makes them) of the first `images`
+    images of each training list, into a temporary folder, attached to the datasets, which are cut to those
+    images so that every stream, online or offline, draws from them. Returns the cost of making them."""
+    for ds in datasets.values():
+        ds.names = ds.names[:images]
+    C_off = EasyDict(dict(C, teacher_label_dir=tempfile.mkdtemp(prefix="mgd_bench_teacher_labels_")))
+    t0 = time.perf_counter()
+    root = teacher_labels.precompute(teachers, datasets, C_off, DistInfo(0, 1, 0, device), precisions)
+    seconds = time.perf_counter() - t0
+    teacher_labels.attach(datasets, root)
+    n = len({name for ds in datasets.values() for name in ds.names})
+    return dict(images=n, seconds=seconds, seconds_per_image_both_teachers=seconds / n, eval_crop=C.eval_crop_size,
+                folder=root)
+
+
+def offline_agreement(teachers: Dict[str, nn.Module], batch: Batch, C: EasyDict) -> Dict[str, float]:
+    """Per teacher: share of the pixels with an offline pseudo-label where it equals the online teacher's argmax
+    on the same augmented crops (x_l, u0, u1 of one batch)."""
+    out = {}
+    for role, teacher in teachers.items():
+        views = [batch["x_l"], batch["u0"], batch["u1"]]
+        logits, _ = teacher_predict(teacher, torch.cat(views), C.amp, False, C.channels_last)
+        offline = torch.cat([batch[f"{role}_l"], batch[f"{role}_u0"], batch[f"{role}_u1"]])
+        out[role] = teacher_labels.agreement(offline, logits)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- the run
 def ensure_toy_data(path: Optional[str]) -> str:
     """A toy VOC root: `path` if given (must exist), DATA/toy/pascal_voc if present, else generated in /tmp."""
@@ -563,7 +597,7 @@ def ensure_toy_data(path: Optional[str]) -> str:
 
 
 def make_config(args, data_root: str) -> EasyDict:
-    values = dict(data_root=data_root, crop_size=args.crop, batch_size=args.batch, num_workers=args.num_workers,
+    values = dict(data_root=data_root, crop_size=args.crop, eval_crop_size=args.crop, batch_size=args.batch, num_workers=args.num_workers,
                   num_classes=args.num_classes, network=args.student, teacher_deep_network=args.deep,
                   teacher_wide_network=args.wide, partition=8, amp="off", channels_last=False,
                   output_dir=tempfile.gettempdir(), seed=0)
@@ -606,6 +640,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "(default min(crop, 161): the equality does not depend on it)")
     p.add_argument("--low-precision-side", type=int, default=97,
                    help="CPU: the (slow) bf16 teacher probe runs on one image cut to this side (default 97)")
+    p.add_argument("--offline-images", type=int, help="images of each training list given offline teacher labels; "
+                   "the steps draw from these only (default 48; --tiny 8)")
     p.add_argument("--loader-batches", type=int, help="batches for the loader-alone measurement (default 8; --tiny 4)")
     p.add_argument("--eval-size", type=int, help="side of the evaluation image (default 512; --tiny 64)")
     p.add_argument("--peak-n", type=int, help="matrix side for the peak (default: best of 1024, 2048, 4096 on CPU, "
@@ -618,7 +654,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = dict(crop=32 if tiny else 321, student="mobilenet_v2" if tiny else "resnet18",
                     deep="resnet18" if tiny else "resnet101", wide="resnet18" if tiny else "wide_resnet50_2",
                     warmup=1, repeats=1 if tiny else 3, probe_repeats=1 if tiny else 2, loader_batches=4 if tiny else 8,
-                    eval_size=64 if tiny else 512, threads=1 if tiny else None, peak_n=512 if tiny else None)
+                    offline_images=8 if tiny else 48, eval_size=64 if tiny else 512, threads=1 if tiny else None, peak_n=512 if tiny else None)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -771,9 +807,10 @@ def main(argv=None) -> dict:
 
     # -- FLOPs of one step (meta tensors)
     flops = {s: count_step_flops(s, C, nets, n_l, n_u, args.crop, bn)
-             for s, bn in (("ours", "eval"), ("published", "train"))}
+             for s, bn in (("ours", "eval"), ("ours_offline", "eval"), ("published", "train"))}
     result["flops_per_step"] = flops
     result["flops_teachers_per_step"] = count_teacher_flops(C, nets, 3 * n_u + n_l, args.crop)
+    result["flops_teachers_per_step_offline"] = count_teacher_flops(C, nets, n_u, args.crop)
     log(f"FLOPs per step: ours {flops['ours'] / 1e9:.1f} G, published {flops['published'] / 1e9:.1f} G")
 
     # -- gradient equality (same batch, same eval-mode teachers, fp32, student in eval mode)
@@ -793,10 +830,23 @@ def main(argv=None) -> dict:
     fmt = torch.channels_last if cl else torch.contiguous_format
     ours_teachers = {r: int8[r] if teacher_precision[r] == "int8" else t for r, t in teachers.items()}
     pub_teachers = {r: copy.deepcopy(t).train() for r, t in teachers.items()}
+
+    # -- offline teachers: pseudo-labels made once per image (from here on every stream carries them)
+    offline = offline_teacher_labels(ours_teachers, datasets, C_ours, device, teacher_precision, args.offline_images)
+    check_streams = Streams(C, datasets, device, iters=1, epoch=3)
+    offline["agreement_with_online"] = offline_agreement(ours_teachers, check_streams.next(), C_ours)
+    del check_streams
+    log(f"offline teacher labels: {offline['images']} images in {offline['seconds']:.1f} s "
+        f"({offline['seconds_per_image_both_teachers']:.2f} s per image, both teachers); agreement with the online "
+        "argmax on the same crops: " + ", ".join(f"{r} {v:.4f}" for r, v in offline["agreement_with_online"].items()))
+    C_off = EasyDict(dict(C_ours, teacher_labels="offline"))
+
     schedules = [Schedule("ours", copy.deepcopy(student).to(memory_format=fmt), ours_teachers, C_ours, mgd_step,
                           device, teacher_precision),
                  Schedule("published", copy.deepcopy(student), pub_teachers, C_pub, published_mgd_step, device,
-                          {r: "fp32" for r in teachers})]
+                          {r: "fp32" for r in teachers}),
+                 Schedule("ours_offline", copy.deepcopy(student).to(memory_format=fmt), ours_teachers, C_off, mgd_step,
+                          device, teacher_precision)]
     all_fp32 = precision == "fp32" and all(p == "fp32" for p in teacher_precision.values())
     if not all_fp32:  # same-precision comparison: ours with fp32 student and fp32 teachers
         schedules.append(Schedule("ours_fp32", copy.deepcopy(student), teachers, EasyDict(dict(C_ours, amp="off")),
@@ -833,9 +883,9 @@ def main(argv=None) -> dict:
                               "and fp32 teachers" + (" (ours already all fp32: the same measurement)" if all_fp32 else ""))
     # utilization: the step time the machine's measured peaks allow (each teacher's FLOPs at the peak of its
     # precision, the student's at the student's) over the measured step time
-    t_flops = result["flops_teachers_per_step"]
     for name, st in steps.items():
-        sec, fl = st["seconds"], flops["published" if name == "published" else "ours"]
+        sec, fl = st["seconds"], flops[name if name in flops else "ours"]
+        t_flops = result["flops_teachers_per_step_offline" if name == "ours_offline" else "flops_teachers_per_step"]
         student_rate = peak["fp32" if st["precision"] == "off" else st["precision"]]["gflops"] * 1e9
         teacher_ideal = sum(t_flops[r] / (peak[p]["gflops"] * 1e9) for r, p in st["teacher_precision"].items())
         student_ideal = (fl - sum(t_flops.values())) / student_rate
@@ -846,10 +896,16 @@ def main(argv=None) -> dict:
             step=st["ideal_seconds"] / sec["step"])
     result["utilization"] = steps["ours"]["utilization_by_phase"]["step"]
     result["utilization_published"] = steps["published"]["utilization_by_phase"]["step"]
-    teacher_share = steps["ours"]["seconds"]["teacher"] / t_ours
-    result["offline_teacher_upper_bound"] = dict(
-        teacher_share_of_step=teacher_share, speedup_if_teachers_free=1 / max(1 - teacher_share, 1e-9),
-        note="not implemented: the most an offline-teacher mode could gain (teacher inference removed entirely)")
+    t_off = steps["ours_offline"]["seconds"]["step"]
+    result["speedup_offline_vs_published"] = t_pub / t_off
+    iters_per_epoch = max(len(d) for d in datasets.values()) // args.batch
+    offline.update(step_seconds=t_off, speedup_vs_online=t_ours / t_off,
+                   break_even_epochs=offline["seconds"] / max((t_ours - t_off) * iters_per_epoch, 1e-9),
+                   note="C.teacher_labels='offline': pseudo-labels of x_l, u0, u1 made once per image (whole image, "
+                        "scale 1, eval sliding windows) and augmented with it; the teachers still see u_m for the "
+                        "image- and region-level terms. Agreement: offline label vs online argmax on the same "
+                        "augmented crops, crop padding (no offline label) excluded.")
+    result["offline_teachers"] = offline
 
     # -- loader alone, evaluation speed
     result["loader"] = loader_throughput(C, datasets, device, args.loader_batches)
@@ -879,7 +935,7 @@ def format_table(R: dict) -> str:
         sec = s["seconds"]
         prec = "fp32" if s["precision"] == "off" else s["precision"]
         teacher_prec = "/".join(sorted(set(s["teacher_precision"].values())))
-        fl = R["flops_per_step"]["published" if name == "published" else "ours"]
+        fl = R["flops_per_step"].get(name, R["flops_per_step"]["ours"])
         util = s["utilization_by_phase"]["step"]
         mem = f"{s['peak_memory_mb']:.0f} | {s['step_memory_mb']:.0f}" if s["peak_memory_mb"] is not None else "- | -"
         layout = "NHWC" if s["channels_last"] else "NCHW"
@@ -888,7 +944,7 @@ def format_table(R: dict) -> str:
                      f"| {sec['optimizer']:.3f} | {sec['step']:.2f} | {s['images_per_second']:.2f} | {mem} | "
                      f"{fl / 1e9:.0f} | {util:.1%} |")
     g = R["gradient_check"]
-    L, E = R["loader"], R["eval"]
+    L, E, O = R["loader"], R["eval"], R["offline_teachers"]
     lines += ["", f"speedup_vs_published = {R['speedup_vs_published']:.2f}x, speedup_same_precision = "
                   f"{R['speedup_same_precision']:.2f}x ({R['speedup_note']})",
               f"utilization (ours) = {R['utilization']:.1%}, published {R['utilization_published']:.1%}: the step "
@@ -911,9 +967,11 @@ def format_table(R: dict) -> str:
               f"windows): {E['batched_images_per_second']:.2f} images/s batched, "
               f"{E['one_window_per_call_images_per_second']:.2f} one window per call; probabilities stay on "
               f"{E['argmax_device']} until the argmax: {E['probs_on_device']}",
-              f"offline teachers (not implemented) could at most give "
-              f"{R['offline_teacher_upper_bound']['speedup_if_teachers_free']:.2f}x (teachers are "
-              f"{R['offline_teacher_upper_bound']['teacher_share_of_step']:.0%} of our step)", "",
+              f"offline teachers (teacher_labels='offline'): step {R['speedup_offline_vs_published']:.2f}x faster than "
+              f"published, {O['speedup_vs_online']:.2f}x faster than ours online; labels made once in "
+              f"{O['seconds_per_image_both_teachers']:.2f} s per image (both teachers, eval crop {O['eval_crop']}), "
+              f"repaid after {O['break_even_epochs']:.2f} epochs on these {O['images']} images; agreement with the "
+              f"online argmax: " + ", ".join(f"{r} {v:.4f}" for r, v in O["agreement_with_online"].items()), "",
               "| teacher inference variant | " + " | ".join(R["teacher_inference"]) + " | argmax agreement |",
               "|---|" + "--:|" * (len(R["teacher_inference"]) + 1)]
     first = next(iter(R["teacher_inference"].values()))
