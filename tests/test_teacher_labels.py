@@ -4,6 +4,8 @@ when it is given the online pseudo-labels (with fewer teacher images), and a fin
 reused or refused, never overwritten."""
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +21,9 @@ from furnace.losses import pseudo_label_ce
 import furnace.methods as methods
 from furnace.methods import mgd_step
 from furnace.models import build_segmentor
-from furnace.teacher_labels import agreement, attach, label_path
-from trainkit import NUM_CLASSES, exp_config, make_teacher, overrides, train_in_process
+from furnace.teacher_labels import agreement, attach, label_path, precompute
+from trainkit import (EXP, NUM_CLASSES, TORCHRUN, clean_env, exp_config, make_teacher, overrides, torch_threads,
+                      train_in_process)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,3 +162,27 @@ def test_offline_with_train_mode_teacher_bn_is_refused(toy, tmp_path, teacher_pa
         config(toy, tmp_path, method="mgd", teacher_labels="offline", teacher_bn="train")
     with pytest.raises(ValueError, match="teacher_labels='sometimes'"):
         config(toy, tmp_path, method="mgd", teacher_labels="sometimes")
+
+
+def test_two_processes_share_the_precomputation_and_store_what_one_process_stores(toy, tmp_path, teacher_paths):
+    """torchrun, 2 gloo processes: each predicts half of the images, both wait for all, then train."""
+    deep, wide = teacher_paths
+    args = overrides(toy, tmp_path / "two", method="mgd", batch_size=4, epochs=1, iters_per_epoch=1, teacher_deep=deep,
+                     teacher_wide=wide, teacher_labels="offline", eval_crop_size=48)
+    result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(EXP / "train.py"), *args],
+                            capture_output=True, text=True, timeout=300, env=clean_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "two" / "snapshot" / "last.pth").is_file()
+    C = config(toy, tmp_path / "one", method="mgd", teacher_deep=deep, teacher_wide=wide, teacher_labels="offline",
+               eval_crop_size=48)
+    datasets = {s: build_dataset(C, s) for s in ("labeled", "unlabeled")}
+    teachers = {}
+    for role, path in (("deep", deep), ("wide", wide)):
+        teachers[role] = build_segmentor("mobilenet_v2", NUM_CLASSES).eval()
+        teachers[role].load_state_dict(torch.load(path, weights_only=False)["model"])
+    with torch_threads(1):
+        one = precompute(teachers, datasets, C, DistInfo(0, 1, 0, torch.device("cpu")), {"deep": "fp32", "wide": "fp32"})
+    two = tmp_path / "two" / "teacher_labels"
+    maps = sorted(p.relative_to(one) for p in Path(one).rglob("*.png"))
+    assert len(maps) == 2 * 24 and maps == sorted(p.relative_to(two) for p in two.rglob("*.png"))
+    assert all((read_label(Path(one) / m) == read_label(two / m)).all() for m in maps)
