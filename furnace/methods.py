@@ -220,12 +220,15 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
     logits, wide_feat = {}, None
     for role in ("deep", "wide"):
         if needed[role]:
-            out, feat = teacher_predict(teachers[role], teacher_in, C.amp, role == "wide" and C.region_weight > 0,
-                                        C.channels_last)
-            logits[role] = dict(zip(views, out.split(sizes)))
+            t_logits, feat = teacher_predict(teachers[role], teacher_in, C.amp,
+                                             role == "wide" and C.region_weight > 0, C.channels_last)
+            logits[role] = dict(zip(views, t_logits.split(sizes)))
             if feat is not None:
                 wide_feat = dict(zip(views, feat.split(sizes)))
     if offline:  # integer pseudo-labels, 255 where the crop is padding
+        if "deep_u0" not in batch:
+            raise ValueError("teacher_labels='offline' but the batch has no teacher pseudo-labels "
+                             "(the datasets need furnace.teacher_labels.attach)")
         pseudo = {role: {"u0": batch[f"{role}_u0"], "u1": batch[f"{role}_u1"], "x_l": batch.get(f"{role}_l")}
                   for role in ("deep", "wide")}
     else:
