@@ -35,7 +35,6 @@ from furnace.distributed import DistInfo
 from furnace.evaluate import inference_options, predict_probs
 
 ROLES = ("deep", "wide")
-MODES = ("online", "offline")
 
 
 def label_dir(C: EasyDict) -> str:
