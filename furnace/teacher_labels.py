@@ -94,6 +94,8 @@ def precompute(teachers: Dict[str, nn.Module], datasets: Dict[str, Dataset], C: 
     root = label_dir(C)
     if info.is_main:
         _claim(root, manifest(C, precisions))
+        for stale in Path(root).rglob("*.tmp*.png"):  # maps whose write a crash cut short
+            stale.unlink()
     _barrier(info)
     if not info.is_main:
         _claim(root, manifest(C, precisions))  # only checks

@@ -140,10 +140,12 @@ def test_offline_run_stores_each_teachers_argmax_then_reuses_and_guards_it(toy, 
     log = (tmp_path / "run" / "train.log").read_text()
     assert "offline teacher labels in" in log and "epoch 1/1" in log
 
-    # a second run reuses the maps (not rewritten) ...
+    # a second run reuses the maps (not rewritten) and removes the leftovers of a write cut short ...
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.png")}
+    stale = root / "deep" / f"{name}.tmp123.png"
+    stale.write_bytes(b"half a PNG")
     train_in_process(overrides(toy, tmp_path / "run2", **args, teacher_label_dir=str(root)))
-    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.png")} == before
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.png")} == before and not stale.exists()
     # ... and other teachers are refused by name, leaving the maps as they were
     with pytest.raises(ValueError, match=f"teacher_label_dir {root} holds pseudo-labels made with other teachers"):
         Trainer(config(toy, tmp_path / "run3", **dict(args, teacher_deep=wide, teacher_wide=deep),
