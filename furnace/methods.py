@@ -209,6 +209,9 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
     u_m = mix(u0, u1, mask)
     need_labeled = C.pixel_labeled_weight > 0
     offline = C.teacher_labels == "offline"
+    if offline and "deep_u0" not in batch:
+        raise ValueError("teacher_labels='offline' but the batch has no teacher pseudo-labels "
+                         "(the datasets need furnace.teacher_labels.attach)")
     if offline:
         views = {"u_m": u_m}
         needed = {"deep": C.semantic_weight > 0, "wide": C.region_weight > 0}
@@ -226,9 +229,6 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
             if feat is not None:
                 wide_feat = dict(zip(views, feat.split(sizes)))
     if offline:  # integer pseudo-labels, 255 where the crop is padding
-        if "deep_u0" not in batch:
-            raise ValueError("teacher_labels='offline' but the batch has no teacher pseudo-labels "
-                             "(the datasets need furnace.teacher_labels.attach)")
         pseudo = {role: {"u0": batch[f"{role}_u0"], "u1": batch[f"{role}_u1"], "x_l": batch.get(f"{role}_l")}
                   for role in ("deep", "wide")}
     else:

@@ -597,8 +597,8 @@ def ensure_toy_data(path: Optional[str]) -> str:
 
 
 def make_config(args, data_root: str) -> EasyDict:
-    values = dict(data_root=data_root, crop_size=args.crop, eval_crop_size=args.crop, batch_size=args.batch, num_workers=args.num_workers,
-                  num_classes=args.num_classes, network=args.student, teacher_deep_network=args.deep,
+    values = dict(data_root=data_root, crop_size=args.crop, eval_crop_size=args.crop, batch_size=args.batch,
+                  num_workers=args.num_workers, num_classes=args.num_classes, network=args.student, teacher_deep_network=args.deep,
                   teacher_wide_network=args.wide, partition=8, amp="off", channels_last=False,
                   output_dir=tempfile.gettempdir(), seed=0)
     values["class_names"] = (VOC_CLASS_NAMES if args.num_classes == 21
@@ -654,7 +654,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = dict(crop=32 if tiny else 321, student="mobilenet_v2" if tiny else "resnet18",
                     deep="resnet18" if tiny else "resnet101", wide="resnet18" if tiny else "wide_resnet50_2",
                     warmup=1, repeats=1 if tiny else 3, probe_repeats=1 if tiny else 2, loader_batches=4 if tiny else 8,
-                    offline_images=8 if tiny else 48, eval_size=64 if tiny else 512, threads=1 if tiny else None, peak_n=512 if tiny else None)
+                    offline_images=8 if tiny else 48, eval_size=64 if tiny else 512, threads=1 if tiny else None,
+                    peak_n=512 if tiny else None)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -109,22 +109,16 @@ class SegmentationDataset(Dataset):
         name = self.names[i]
         image, label = self.load(name)
         rng = np.random.default_rng(key)
-        if not self.teacher_label_dirs:
-            image_t, label_t = self.transform(image, label, rng)
-            sample = dict(image=image_t, name=name)
-            if label_t is not None:
-                sample["label"] = label_t
-            return sample
-        # the maps ride along as extra label channels, so one draw of the transform moves them all alike
+        # the label and any offline teacher maps go through the transform as channels of one label array,
+        # so one draw of the augmentation moves them all alike
+        keys = (["label"] if label is not None else []) + [f"teacher_{r}" for r in self.teacher_label_dirs]
         maps = ([label] if label is not None else []) + [self._teacher_map(d, name, image.shape[:2])
                                                          for d in self.teacher_label_dirs.values()]
-        image_t, maps_t = self.transform(image, np.stack(maps, axis=-1), rng)
-        maps_t = maps_t.reshape(*image_t.shape[1:], len(maps)).unbind(-1)
+        image_t, maps_t = self.transform(image, np.stack(maps, axis=-1) if maps else None, rng)
         sample = dict(image=image_t, name=name)
-        if label is not None:
-            sample["label"], maps_t = maps_t[0], maps_t[1:]
-        for role, m in zip(self.teacher_label_dirs, maps_t):
-            sample[f"teacher_{role}"] = m
+        if maps:
+            maps_t = maps_t.reshape(*image_t.shape[1:], len(maps))
+            sample.update((k, maps_t[..., c].contiguous()) for c, k in enumerate(keys))
         return sample
 
     @staticmethod
