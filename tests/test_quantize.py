@@ -24,7 +24,10 @@ def resnet18_int8():
     torch.manual_seed(0)
     teacher = build_segmentor("resnet18", NUM_CLASSES).eval()
     calibration = torch.randn(8, 3, 48, 48, generator=torch.Generator().manual_seed(1))
-    return teacher, quantize_teacher(teacher, calibration.split(4))
+    engine = torch.backends.quantized.engine
+    int8 = quantize_teacher(teacher, calibration.split(4))
+    assert torch.backends.quantized.engine == engine  # quantize_teacher used its own engine, then restored this
+    return teacher, int8
 
 
 def test_int8_copy_is_quantized_keeps_the_teacher_and_an_fp32_classifier(resnet18_int8):
@@ -49,6 +52,14 @@ def test_int8_teacher_predicts_what_the_fp32_teacher_predicts(resnet18_int8):
     assert (decoder - ref["decoder"]).norm() / ref["decoder"].norm() < 0.15
     assert argmax_agreement(int8, teacher, x) > 0.9
     assert teacher_predict(int8, x, "off", with_decoder=False)[1] is None
+    # the packed int8 weights keep the engine they were made with: the global setting does not matter
+    engine = torch.backends.quantized.engine
+    try:
+        for other in set(torch.backends.quantized.supported_engines) & {"x86", "onednn", "fbgemm"}:
+            torch.backends.quantized.engine = other
+            assert torch.equal(teacher_predict(int8, x, "off", with_decoder=False)[0], logits)
+    finally:
+        torch.backends.quantized.engine = engine
 
 
 def test_argmax_agreement_counts_only_valid_pixels():
