@@ -78,9 +78,10 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.teacher_int8_min_agreement = 0.98  # least share of held-out labeled pixels with the fp32 argmax
     C.teacher_calibration_images = 32  # unlabeled training crops that set the int8 activation ranges
     C.teacher_check_images = 16        # labeled training crops on which the agreement is measured
-    C.teacher_labels = "online"        # 'online': teachers predict u0, u1, x_l at every step; 'offline': their
-                                       # pseudo-labels are predicted once per image and loaded with it
-                                       # (furnace/teacher_labels.py: much faster, an approximation)
+    C.teacher_labels = "offline"       # 'offline': the teachers' pseudo-labels of x_l, u0, u1 are predicted
+                                       # once per image and augmented with it (furnace/teacher_labels.py;
+                                       # 2-4x faster steps); 'online': predicted on every augmented crop at
+                                       # every step, as published
     C.teacher_label_dir = None         # offline pseudo-labels; None: {output_dir}/teacher_labels
 
     # loss weights (0 switches a term off, for ablations)
@@ -212,7 +213,8 @@ def check(C: EasyDict) -> None:
     need(C.teacher_labels in ("online", "offline"),
          f"teacher_labels={C.teacher_labels!r}; expected 'online' or 'offline'")
     need(not (C.teacher_labels == "offline" and C.teacher_bn == "train"),
-         "teacher_labels='offline' needs teacher_bn='eval' (a pseudo-label made once cannot depend on the batch)")
+         "teacher_labels='offline' (the default) needs teacher_bn='eval': a pseudo-label made once cannot depend "
+         "on the batch; set teacher_labels='online' for train-mode teachers")
     need(0 <= C.teacher_int8_min_agreement <= 1,
          f"teacher_int8_min_agreement={C.teacher_int8_min_agreement!r} must be in [0, 1]")
     for key in ("teacher_calibration_images", "teacher_check_images"):

@@ -3,9 +3,10 @@
     python tools/toy_benchmark.py --seeds 3 [--shared-teachers | --teachers runs/toy] [--out runs/toy_bench] [key=value ...]
 
 Per seed (model initialisation, sampling and CutMix all follow `seed`): the two CPS teachers, then
-ResNet-18 supervised-only, with MGD and with MGD from offline teachers (teacher_labels=offline: pseudo-labels
-made once per image, kept in <teachers' folder>/teacher_labels and shared by the seeds that share the
-teachers), MobileNet-v2 supervised-only and with MGD, then ResNet-18 MGD without each loss term.
+ResNet-18 supervised-only, with MGD (offline teachers, the default: pseudo-labels made once per image, kept in
+<teachers' folder>/teacher_labels and shared by every student and seed that shares the teachers) and with MGD
+from online teachers (teacher_labels=online, as published), MobileNet-v2 supervised-only and with MGD, then
+ResNet-18 MGD without each loss term.
 --shared-teachers trains the teachers once (first seed) and reuses them for every seed, which measures the
 students' spread only but costs a third of the time; --teachers DIR takes the finished teachers of an
 earlier run instead (e.g. runs/toy, the quickstart's), for every seed. Writes <out>/benchmark.md and
@@ -25,11 +26,11 @@ R18, MBV2 = "voc8.resnet18_deeplabv3plus", "voc8.mobilev2_deeplabv3plus"
 
 
 def benchmark_stages() -> List[Stage]:
-    """The main job's stages (teachers, ResNet-18 supervised and MGD), ResNet-18 MGD with offline teachers,
+    """The main job's stages (teachers, ResNet-18 supervised and MGD), ResNet-18 MGD with online teachers,
     then MobileNet-v2 and the ablations."""
     return [
         *main_stages(),
-        Stage("ResNet-18 MGD, offline teachers", R18, "mgd-offline", ["teacher_labels=offline"]),
+        Stage("ResNet-18 MGD, online teachers", R18, "mgd-online", ["teacher_labels=online"]),
         Stage("MobileNet-v2 supervised", MBV2, "supervised", ["method=supervised"]),
         Stage("MobileNet-v2 MGD", MBV2, "mgd"),
         Stage("ResNet-18 MGD w/o pixel-level", R18, "mgd-no-pixel",
