@@ -3,6 +3,7 @@ runs through the real experiment scripts for one iteration on tiny data, then ev
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -20,7 +21,15 @@ def test_toy_pipeline_end_to_end(tmp_path):
     cmd = [sys.executable, os.path.join(REPO_ROOT, "tools", "toy_pipeline.py"), "--out", str(out), "--img", str(img),
            f"data_root={data}/pascal_voc", "epochs=1", "iters_per_epoch=1", "crop_size=32", "batch_size=2",
            "eval_crop_size=64", "num_workers=0"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    # torchrun's default port taken, as by another experiment running on the machine: every stage still starts
+    with socket.socket() as busy:
+        try:
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:  # already taken by someone else: the same situation
+            pass
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     records = json.loads((img / "toy_results.json").read_text())
     assert [(r["network"], r["method"]) for r in records] == [
@@ -35,6 +44,10 @@ def test_toy_pipeline_end_to_end(tmp_path):
         ckpt = torch.load(out / exp / tag / "snapshot" / "last.pth", map_location="cpu", weights_only=False)
         assert ckpt["epoch"] == 1 and ckpt["method"] == tag
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    # the MGD student learnt from offline teachers (the default): their labels of all 24 training images
+    labels = out / "voc8.resnet18_deeplabv3plus" / "mgd" / "teacher_labels"
+    assert set(json.loads((labels / "manifest.json").read_text())["teachers"]) == {"deep", "wide"}
+    assert len(list((labels / "deep").glob("*.png"))) == len(list((labels / "wide").glob("*.png"))) == 24
     for name in ("toy_miou_vs_flops.png", "toy_predictions.png"):
         assert (img / name).stat().st_size > 1000
 

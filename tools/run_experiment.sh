@@ -2,7 +2,8 @@
 # Launch one experiment folder: train with torchrun (resuming what was finished), then evaluate.
 # Usage: bash tools/run_experiment.sh EXP_DIR [--cfg FILE] [key=value ...]
 # Environment: NGPUS (processes per node; default: script.sh's published count capped at the GPUs present, 1 on CPU), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1),
-#              MASTER_PORT (29500), EVAL_EPOCHS (checkpoints to evaluate, default: the last one).
+#              MASTER_PORT (one node: a free port; several nodes: 29500), EVAL_EPOCHS (checkpoints to evaluate,
+#              default: the last one).
 # Start over by deleting the experiment's output folder (<exp>/output/<method>).
 set -euo pipefail
 EXP_DIR="$(cd "$1" && pwd)"; shift
@@ -24,7 +25,13 @@ if [[ -z "${NGPUS:-}" ]]; then
   NGPUS=$(python -c "import torch; print(min(${PUBLISHED_NGPUS:-1}, torch.cuda.device_count()) or 1)")
   echo "run_experiment.sh: NGPUS=$NGPUS (set NGPUS to choose)" >&2
 fi
+if [[ -z "${MASTER_PORT:-}" ]]; then
+  # One node: a port nobody listens on, so that several experiments can run on one machine at once
+  # (torchrun's fixed default, 29500, makes the second one fail). Several nodes must agree on the port.
+  MASTER_PORT=29500
+  [[ "${NNODES:-1}" == 1 ]] && MASTER_PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+fi
 LAUNCH=(torchrun --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$NGPUS"
-        --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}")
+        --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="$MASTER_PORT")
 "${LAUNCH[@]}" train.py --resume "$@"
 "${LAUNCH[@]}" eval.py ${EVAL_EPOCHS:+-e "$EVAL_EPOCHS"} "$@"
