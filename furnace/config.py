@@ -212,7 +212,7 @@ def check(C: EasyDict) -> None:
          f"teacher_precision={C.teacher_precision!r}; expected one of {TEACHER_PRECISIONS}")
     need(C.teacher_labels in ("online", "offline"),
          f"teacher_labels={C.teacher_labels!r}; expected 'online' or 'offline'")
-    need(not (C.teacher_labels == "offline" and C.teacher_bn == "train"),
+    need(not (C.method == "mgd" and C.teacher_labels == "offline" and C.teacher_bn == "train"),
          "teacher_labels='offline' (the default) needs teacher_bn='eval': a pseudo-label made once cannot depend "
          "on the batch; set teacher_labels='online' for train-mode teachers")
     need(0 <= C.teacher_int8_min_agreement <= 1,

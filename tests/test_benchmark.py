@@ -66,17 +66,18 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
     with torch.device("meta"):
         student = build_segmentor("mobilenet_v2", 21).train()
         extra = flops.count_flops(student, torch.empty(2 * 2, 3, 32, 32))
-    assert saved["flops_per_step"]["published"] - saved["flops_per_step"]["ours"] == extra
-    # offline teachers: the same student work, teachers on u_m only (n_u images instead of 3 n_u + n_l)
+    assert saved["flops_per_step"]["published"] - saved["flops_per_step"]["ours_online"] == extra
+    # ours (offline teachers, the default): the same student work, teachers on u_m only (n_u images, not 3 n_u + n_l)
     teacher_saved = sum(saved["flops_teachers_per_step"].values()) - sum(saved["flops_teachers_per_step_offline"].values())
-    assert saved["flops_per_step"]["ours"] - saved["flops_per_step"]["ours_offline"] == teacher_saved > 0
+    assert saved["flops_per_step"]["ours_online"] - saved["flops_per_step"]["ours"] == teacher_saved > 0
     assert sum(saved["flops_teachers_per_step"].values()) == 4 * sum(saved["flops_teachers_per_step_offline"].values())
     offline = saved["offline_teachers"]
     assert offline["images"] == 8 + 3 and offline["seconds"] > 0  # 24 toy images: 3 labeled, first 8 unlabeled
     assert set(offline["agreement_with_online"]) == {"deep", "wide"}
     assert all(0 <= v <= 1 for v in offline["agreement_with_online"].values())
-    assert saved["speedup_offline_vs_published"] > 0 and offline["speedup_vs_online"] > 0
-    for name in ("ours", "published", "ours_offline"):
+    assert saved["speedup_online_vs_published"] > 0 and offline["speedup_vs_online"] > 0
+    assert saved["steps"]["ours"]["teacher_labels"] == "offline" and saved["steps"]["ours_online"]["teacher_labels"] == "online"
+    for name in ("ours", "published", "ours_online"):
         sec = saved["steps"][name]["seconds"]
         assert set(sec) == {"data", "teacher", "student_forward", "backward", "optimizer", "step"}
         assert all(v >= 0 for v in sec.values()) and sec["teacher"] > 0
@@ -118,7 +119,8 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
 def test_published_step_same_gradient_as_ours(benchmark):
     """Direct check on hand-made data, every loss term on, student in eval mode."""
     torch.manual_seed(0)
-    C = EasyDict(dict(new_config("voc", __file__), num_classes=5, amp="off", channels_last=False))
+    C = EasyDict(dict(new_config("voc", __file__), num_classes=5, amp="off", channels_last=False,
+                      teacher_labels="online"))
     student = build_segmentor("mobilenet_v2", 5).eval()
     teachers = {r: random_bn(build_segmentor("resnet18", 5), i).eval().requires_grad_(False)
                 for i, r in enumerate(("deep", "wide"))}

@@ -155,7 +155,8 @@ def test_int8_mgd_run_trains_and_logs_the_agreement(toy, tmp_path, teacher_paths
     (dict(teacher_precision="fp8"), "teacher_precision='fp8'"),
     (dict(teacher_int8_min_agreement=1.5), "teacher_int8_min_agreement=1.5"),
     (dict(teacher_calibration_images=0), "teacher_calibration_images=0"),
-    (dict(teacher_precision="int8", teacher_bn="train"), "teacher_precision='int8' is for eval-mode teachers"),
+    (dict(teacher_precision="int8", teacher_bn="train", teacher_labels="online"),
+     "teacher_precision='int8' is for eval-mode teachers"),
 ])
 def test_bad_teacher_precision_settings_are_refused_by_name(toy, tmp_path, teacher_paths, changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):

@@ -196,7 +196,8 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, atol: float = 1e
 def test_two_processes_match_one_process(toy, teachers, tmp_path):
     """A 2-process gloo torchrun run and a 1-process run with the same global batch (4) reach the same
     weights and BatchNorm statistics within 1e-5 relative, for supervised, cps and mgd (3 steps each;
-    teacher_bn='train' so that the teachers' BatchNorm is synchronised too).
+    teacher_bn='train' so that the teachers' BatchNorm is synchronised too, hence online teachers; the offline
+    labels of 1 and 2 processes are compared in test_teacher_labels.py).
 
     The 3-step runs compute in float64: in float32 the two runs differ by reassociation (the 2-process
     gradient is a sum of two partial sums), and these randomly initialised BatchNorm nets amplify a 1-ulp
@@ -205,7 +206,8 @@ def test_two_processes_match_one_process(toy, teachers, tmp_path):
     the rounding 1e-9 times smaller (the runs then agree to ~1e-8). A float32 single-step run (supervised)
     checks the production path."""
     common = overrides(toy, tmp_path / "unused", batch_size=4, epochs=1, iters_per_epoch=3,
-                       teacher_deep=teachers[0], teacher_wide=teachers[1], teacher_bn="train")
+                       teacher_deep=teachers[0], teacher_wide=teachers[1], teacher_bn="train",
+                       teacher_labels="online")
 
     def runs(tag):
         fp64 = [dict(out=str(tmp_path / tag / m), args=[f"method={m}"], fp64=True) for m in METHODS]

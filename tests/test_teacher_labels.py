@@ -160,8 +160,12 @@ def test_offline_agreement_counts_only_labelled_pixels():
 
 
 def test_offline_with_train_mode_teacher_bn_is_refused(toy, tmp_path, teacher_paths):
-    with pytest.raises(ValueError, match="teacher_labels='offline' needs teacher_bn='eval'"):
+    with pytest.raises(ValueError, match=r"teacher_labels='offline' \(the default\) needs teacher_bn='eval'"):
         config(toy, tmp_path, method="mgd", teacher_labels="offline", teacher_bn="train")
+    with pytest.raises(ValueError, match="set teacher_labels='online' for train-mode teachers"):
+        config(toy, tmp_path, method="mgd", teacher_bn="train")  # the default is offline: the error says what to do
+    assert config(toy, tmp_path, method="mgd", teacher_labels="online", teacher_bn="train").teacher_bn == "train"
+    assert config(toy, tmp_path, method="cps", teacher_bn="train").teacher_labels == "offline"  # no teachers: fine
     with pytest.raises(ValueError, match="teacher_labels='sometimes'"):
         config(toy, tmp_path, method="mgd", teacher_labels="sometimes")
 

@@ -22,15 +22,22 @@ does not depend on the weights; the argmax agreement of low-precision teachers d
              (--teacher-precision auto).
   flops      FLOPs of one step, forward and backward, from torch.utils.flop_counter on 'meta' tensors
              (2 x multiply-accumulates of convolutions and matrix products; nothing is computed).
-  gradient   published and ours on one batch (cut to --grad-crop), teachers in the same (eval) BN mode, fp32,
-             the student in eval mode: the student gradients must agree (grad_max_rel_diff). The student is
+  gradient   published and ours online on one batch (cut to --grad-crop), teachers in the same (eval) BN mode,
+             fp32, the student in eval mode: the student gradients must agree (grad_max_rel_diff). (The offline
+             step equals the online one when handed the online argmax: tests/test_teacher_labels.py.) The student is
              in eval mode because ours runs x_l and u_m through the student in ONE call, so train-mode
              BatchNorm statistics (and therefore the gradients) legitimately differ from the published
              separate calls.
-  steps      ours (furnace.methods.mgd_step) and published (published_mgd_step below) on batches from the real
-             dataset readers (the training transform at the crop, config's num_workers, three streams as in
-             the Trainer), interleaved step by step so both see the same machine load; median over --repeats
-             after --warmup of: data wait, teacher inference, student forward (+ losses), backward, optimizer.
+  offline    the offline teachers' pseudo-labels (furnace.teacher_labels.precompute, as the trainer makes them)
+             of the first --offline-images images of each training list, which every stream then draws from;
+             their cost, and their agreement with the online teachers' argmax on the same augmented crops.
+  steps      ours (furnace.methods.mgd_step with the project's defaults: offline teachers), ours_online (the
+             same with teacher_labels='online': teachers on every crop of every step) and published
+             (published_mgd_step below), plus ours_fp32 (ours with fp32 student and teachers) when ours uses
+             another precision, on batches from the real dataset readers (the training transform at the crop,
+             config's num_workers, three streams as in the Trainer), interleaved step by step so all see the
+             same machine load; median over --repeats after --warmup of: data wait, teacher inference,
+             student forward (+ losses), backward, optimizer.
              Memory: CUDA max allocated during the step; CPU peak RSS of this process (VmHWM, reset before
              each step). The process holds the networks of both schedules (and the BN-folded teacher copies),
              so "step mem" (peak minus the RSS / allocation before the step) is the figure to compare.
@@ -362,13 +369,13 @@ def probe_student(student: nn.Module, x: torch.Tensor, device: torch.device, rep
     return {name: min(t) for name, t in times.items()}
 
 
-def count_step_flops(schedule: str, C: EasyDict, nets: Dict[str, str], n_l: int, n_u: int, crop: int,
-                     teacher_bn: str) -> int:
-    """FLOPs of one step (forward and backward) on 'meta' tensors: shapes only, nothing is computed."""
+def count_step_flops(C: EasyDict, published: bool, nets: Dict[str, str], n_l: int, n_u: int, crop: int) -> int:
+    """FLOPs of one step (forward and backward) of mgd_step (or published_mgd_step) under C (teacher_bn,
+    teacher_labels), on 'meta' tensors: shapes only, nothing is computed."""
     meta = torch.device("meta")
     with meta:
         student = build_segmentor(nets["student"], C.num_classes).train()
-        teachers = {r: build_segmentor(nets[r], C.num_classes).requires_grad_(False).train(teacher_bn == "train")
+        teachers = {r: build_segmentor(nets[r], C.num_classes).requires_grad_(False).train(C.teacher_bn == "train")
                     for r in ("deep", "wide")}
         batch = dict(x_l=torch.empty(n_l, 3, crop, crop), u0=torch.empty(n_u, 3, crop, crop),
                      u1=torch.empty(n_u, 3, crop, crop), mask=torch.empty(n_u, 1, crop, crop),
@@ -376,10 +383,9 @@ def count_step_flops(schedule: str, C: EasyDict, nets: Dict[str, str], n_l: int,
         for role in teachers:  # offline pseudo-labels
             batch.update({f"{role}_{v}": torch.zeros(n, crop, crop, dtype=torch.long)
                           for v, n in (("l", n_l), ("u0", n_u), ("u1", n_u))})
-    C = EasyDict(dict(C, amp="off", channels_last=False,
-                      teacher_labels="offline" if schedule == "ours_offline" else "online"))
+    C = EasyDict(dict(C, amp="off", channels_last=False))
     with FlopCounterMode(display=False) as counter:
-        if schedule != "published":
+        if not published:
             loss, _ = mgd_step(student, teachers, batch, C, meta)
         else:
             loss, _ = published_mgd_step(student, teachers, batch, C, meta)
@@ -407,7 +413,7 @@ def gradient_check(student: nn.Module, teachers: Dict[str, nn.Module], batch: Ba
     in eval mode (ours concatenates x_l and u_m in one student call, which changes train-mode BN statistics).
 
     grad_max_rel_diff = max over all parameters |g_published - g_ours| / max over all parameters |g_ours|."""
-    C32 = EasyDict(dict(C, amp="off", channels_last=False))
+    C32 = EasyDict(dict(C, amp="off", channels_last=False, teacher_labels="online"))
     net = copy.deepcopy(student).float().to(memory_format=torch.contiguous_format).eval()
     for t in teachers.values():
         t.eval()
@@ -516,6 +522,7 @@ class Schedule:
                     peak_memory_mb=max(self.peak_mb) if self.peak_mb else None,
                     step_memory_mb=max(self.step_mb) if self.step_mb else None,
                     precision=self.C.amp, channels_last=self.C.channels_last, teacher_bn=self.C.teacher_bn,
+                    teacher_labels="online" if self.step is published_mgd_step else self.C.teacher_labels,
                     teacher_precision=self.teacher_precision)
 
 
@@ -806,14 +813,6 @@ def main(argv=None) -> dict:
                                  channels_last_reason=why_cl, low_precision_time_ratio=low)
     log(f"ours: precision {precision} ({why}); channels_last {cl} ({why_cl})")
 
-    # -- FLOPs of one step (meta tensors)
-    flops = {s: count_step_flops(s, C, nets, n_l, n_u, args.crop, bn)
-             for s, bn in (("ours", "eval"), ("ours_offline", "eval"), ("published", "train"))}
-    result["flops_per_step"] = flops
-    result["flops_teachers_per_step"] = count_teacher_flops(C, nets, 3 * n_u + n_l, args.crop)
-    result["flops_teachers_per_step_offline"] = count_teacher_flops(C, nets, n_u, args.crop)
-    log(f"FLOPs per step: ours {flops['ours'] / 1e9:.1f} G, published {flops['published'] / 1e9:.1f} G")
-
     # -- gradient equality (same batch, same eval-mode teachers, fp32, student in eval mode)
     g = min(args.grad_crop or 161, args.crop)
     grad_batch = {k: v[..., :g, :g] for k, v in batch.items()}
@@ -824,7 +823,8 @@ def main(argv=None) -> dict:
     log(f"gradient check: max |g_published - g_ours| / max |g_ours| = {grad['grad_max_rel_diff']:.2e} "
         f"({grad['note']})")
 
-    # -- the steps, interleaved. Published: its own teacher copies in train-mode BN, fp32, NCHW.
+    # -- the steps, interleaved. Ours: the project's defaults (offline teachers, eval-mode BN), the precision and
+    # memory format chosen above. Published: its own teacher copies in train-mode BN, fp32, NCHW.
     C_ours = EasyDict(dict(C, amp=AMP[precision], channels_last=cl, teacher_bn="eval"))
     C_pub = EasyDict(dict(C, amp="off", channels_last=False, teacher_bn="train"))
     # (teacher_predict keeps the BN-folded copy of each fp32 teacher, in the chosen memory format)
@@ -840,18 +840,27 @@ def main(argv=None) -> dict:
     log(f"offline teacher labels: {offline['images']} images in {offline['seconds']:.1f} s "
         f"({offline['seconds_per_image_both_teachers']:.2f} s per image, both teachers); agreement with the online "
         "argmax on the same crops: " + ", ".join(f"{r} {v:.4f}" for r, v in offline["agreement_with_online"].items()))
-    C_off = EasyDict(dict(C_ours, teacher_labels="offline"))
+    C_online = EasyDict(dict(C_ours, teacher_labels="online"))
 
     schedules = [Schedule("ours", copy.deepcopy(student).to(memory_format=fmt), ours_teachers, C_ours, mgd_step,
                           device, teacher_precision),
                  Schedule("published", copy.deepcopy(student), pub_teachers, C_pub, published_mgd_step, device,
                           {r: "fp32" for r in teachers}),
-                 Schedule("ours_offline", copy.deepcopy(student).to(memory_format=fmt), ours_teachers, C_off, mgd_step,
-                          device, teacher_precision)]
+                 Schedule("ours_online", copy.deepcopy(student).to(memory_format=fmt), ours_teachers, C_online,
+                          mgd_step, device, teacher_precision)]
     all_fp32 = precision == "fp32" and all(p == "fp32" for p in teacher_precision.values())
-    if not all_fp32:  # same-precision comparison: ours with fp32 student and fp32 teachers
+    if not all_fp32:  # same-precision comparison: ours with fp32 student and fp32 teachers (with offline teachers
+        # the pseudo-labels it loads are the files made above: inputs, not part of the step's arithmetic)
         schedules.append(Schedule("ours_fp32", copy.deepcopy(student), teachers, EasyDict(dict(C_ours, amp="off")),
                                   mgd_step, device, {r: "fp32" for r in teachers}))
+
+    # -- FLOPs of one step (meta tensors)
+    flops = {s.name: count_step_flops(s.C, s.step is published_mgd_step, nets, n_l, n_u, args.crop)
+             for s in schedules if s.name != "ours_fp32"}  # ours_fp32: the FLOPs of ours
+    result["flops_per_step"] = flops
+    result["flops_teachers_per_step"] = count_teacher_flops(C, nets, 3 * n_u + n_l, args.crop)
+    result["flops_teachers_per_step_offline"] = count_teacher_flops(C, nets, n_u, args.crop)
+    log("FLOPs per step: " + ", ".join(f"{name} {f / 1e9:.1f} G" for name, f in flops.items()))
     rounds = args.warmup + args.repeats
     streams = Streams(C, datasets, device, iters=rounds * len(schedules))
     for r in range(rounds):
@@ -867,6 +876,7 @@ def main(argv=None) -> dict:
     result["steps"] = steps
     t_ours, t_pub = steps["ours"]["seconds"]["step"], steps["published"]["seconds"]["step"]
     t_ours32 = steps.get("ours_fp32", steps["ours"])["seconds"]["step"]
+    t_online = steps["ours_online"]["seconds"]["step"]
     # the peak again after the steps: the better of the two measurements is the machine's limit (other
     # processes can only slow a measurement down)
     for p in {"fp32", precision, *teacher_precision.values()}:
@@ -877,7 +887,9 @@ def main(argv=None) -> dict:
         f"peak used: {peak['fp32']['gflops']:.1f}")
     result["speedup_vs_published"] = t_pub / t_ours
     result["speedup_same_precision"] = t_pub / t_ours32
-    result["speedup_note"] = (f"published step (fp32, train-mode teacher BN, separate calls) over ours (student "
+    result["speedup_online_vs_published"] = t_pub / t_online
+    result["speedup_note"] = (f"published step (fp32, train-mode teacher BN, separate calls) over ours (offline "
+                              f"teachers: pseudo-labels of x_l, u0, u1 loaded with the batch; student "
                               f"{precision}, teachers " + ", ".join(f"{r} {p}" for r, p in teacher_precision.items())
                               + f", eval-mode BN-folded teachers via teacher_predict, student channels_last={cl}); "
                               "same batch, crop, data streams; same-precision ratio uses ours with fp32 student "
@@ -886,7 +898,8 @@ def main(argv=None) -> dict:
     # precision, the student's at the student's) over the measured step time
     for name, st in steps.items():
         sec, fl = st["seconds"], flops[name if name in flops else "ours"]
-        t_flops = result["flops_teachers_per_step_offline" if name == "ours_offline" else "flops_teachers_per_step"]
+        t_flops = result["flops_teachers_per_step_offline" if st["teacher_labels"] == "offline"
+                         else "flops_teachers_per_step"]
         student_rate = peak["fp32" if st["precision"] == "off" else st["precision"]]["gflops"] * 1e9
         teacher_ideal = sum(t_flops[r] / (peak[p]["gflops"] * 1e9) for r, p in st["teacher_precision"].items())
         student_ideal = (fl - sum(t_flops.values())) / student_rate
@@ -897,11 +910,9 @@ def main(argv=None) -> dict:
             step=st["ideal_seconds"] / sec["step"])
     result["utilization"] = steps["ours"]["utilization_by_phase"]["step"]
     result["utilization_published"] = steps["published"]["utilization_by_phase"]["step"]
-    t_off = steps["ours_offline"]["seconds"]["step"]
-    result["speedup_offline_vs_published"] = t_pub / t_off
     iters_per_epoch = max(len(d) for d in datasets.values()) // args.batch
-    offline.update(step_seconds=t_off, speedup_vs_online=t_ours / t_off,
-                   break_even_epochs=offline["seconds"] / max((t_ours - t_off) * iters_per_epoch, 1e-9),
+    offline.update(step_seconds=t_ours, speedup_vs_online=t_online / t_ours,
+                   break_even_epochs=offline["seconds"] / max((t_online - t_ours) * iters_per_epoch, 1e-9),
                    note="C.teacher_labels='offline': pseudo-labels of x_l, u0, u1 made once per image (whole image, "
                         "scale 1, eval sliding windows) and augmented with it; the teachers still see u_m for the "
                         "image- and region-level terms. Agreement: offline label vs online argmax on the same "
@@ -954,8 +965,9 @@ def format_table(R: dict) -> str:
               "utilization by phase: " + "; ".join(
                   f"{n}: teachers {s['utilization_by_phase']['teachers']:.1%}, student forward+backward "
                   f"{s['utilization_by_phase']['student_forward_backward']:.1%}" for n, s in R["steps"].items())
-              + f" (teachers do {sum(R['flops_teachers_per_step'].values()) / R['flops_per_step']['ours']:.0%} of "
-                f"our FLOPs)",
+              + f" (teachers do {sum(R['flops_teachers_per_step_offline'].values()) / R['flops_per_step']['ours']:.0%}"
+                f" of ours' FLOPs, {sum(R['flops_teachers_per_step'].values()) / R['flops_per_step']['ours_online']:.0%}"
+                " of ours_online's)",
               "ours' teachers: " + "; ".join(f"{r} {p} ({R['ours_teacher_precision']['reason'][r]})"
                                             for r, p in R["ours_teacher_precision"]["precision"].items()),
               "peak matrix multiply: " + ", ".join(f"{p} {v['gflops']:.1f} G{'OP' if p == 'int8' else 'FLOP'}/s (n={v['n']})"
@@ -968,8 +980,8 @@ def format_table(R: dict) -> str:
               f"windows): {E['batched_images_per_second']:.2f} images/s batched, "
               f"{E['one_window_per_call_images_per_second']:.2f} one window per call; probabilities stay on "
               f"{E['argmax_device']} until the argmax: {E['probs_on_device']}",
-              f"offline teachers (teacher_labels='offline'): step {R['speedup_offline_vs_published']:.2f}x faster than "
-              f"published, {O['speedup_vs_online']:.2f}x faster than ours online; labels made once in "
+              f"offline teachers (ours, the default): step {O['speedup_vs_online']:.2f}x faster than ours_online, "
+              f"which is {R['speedup_online_vs_published']:.2f}x faster than published; labels made once in "
               f"{O['seconds_per_image_both_teachers']:.2f} s per image (both teachers, eval crop {O['eval_crop']}), "
               f"repaid after {O['break_even_epochs']:.2f} epochs on these {O['images']} images; agreement with the "
               f"online argmax: " + ", ".join(f"{r} {v:.4f}" for r, v in O["agreement_with_online"].items()), "",
