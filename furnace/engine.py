@@ -26,6 +26,7 @@ from tqdm import tqdm
 from furnace import teacher_labels
 from furnace.checkpoint import load_checkpoint, save_checkpoint, segmentor_from_checkpoint
 from furnace.config import config_from_cli, crop_hw
+from furnace.data import read_list
 from furnace.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed
 from furnace.methods import CPSPair, cps_step, mgd_step, resolve_amp, supervised_step
 from furnace.models import build_segmentor, zero_init_residual_
@@ -109,6 +110,19 @@ def synchronised_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
     return model
 
 
+def same_split(trained_with: str, current: str) -> bool:
+    """Whether the split list a teacher was trained with is this run's: the same path, or a list of the same
+    name holding the same images in any order (the data was copied or moved; if the old list is gone, the
+    name decides)."""
+    if trained_with == current:
+        return True
+    if osp.basename(trained_with) != osp.basename(current):
+        return False
+    if not osp.isfile(trained_with) or not osp.isfile(current):
+        return True
+    return set(read_list(trained_with)) == set(read_list(current))
+
+
 def load_teachers(C: EasyDict, info: DistInfo, datasets: Optional[Dict[str, Dataset]] = None,
                   log: Optional[logging.Logger] = None) -> Dict[str, nn.Module]:
     """The two frozen teachers named in the config, checked before any training; int8 copies of them where
@@ -124,8 +138,8 @@ def load_teachers(C: EasyDict, info: DistInfo, datasets: Optional[Dict[str, Data
         ckpt = load_checkpoint(path)
         teacher = segmentor_from_checkpoint(ckpt, path, network, C.num_classes, role=f"teacher_{role}")
         trained_on = ckpt.get("config", {})
-        for key in ("dataset", "labeled_list"):
-            if key in trained_on and trained_on[key] != C[key]:
+        for key, same in (("dataset", lambda a, b: a == b), ("labeled_list", same_split)):
+            if key in trained_on and not same(trained_on[key], C[key]):
                 raise ValueError(f"teacher_{role} {path} was trained with {key}={trained_on[key]!r}, "
                                  f"this run has {key}={C[key]!r}")
         teacher.requires_grad_(False)

@@ -25,7 +25,7 @@ from PIL import Image
 from furnace.checkpoint import load_checkpoint, save_checkpoint
 from furnace.data import DatasetError, read_label, read_list
 from furnace.distributed import ProcessSyncBatchNorm, convert_sync_batchnorm
-from furnace.engine import Trainer
+from furnace.engine import Trainer, same_split
 from furnace.evaluate import main as evaluate_main
 from furnace.metrics import confusion_matrix
 from furnace.models import build_segmentor
@@ -491,6 +491,32 @@ def test_teacher_trained_on_another_dataset_is_refused(toy, teachers, tmp_path):
     other = str(make_teacher(tmp_path / "city.pth", dataset="cityscapes"))
     refused(overrides(toy, tmp_path / "out", method="mgd", teacher_deep=teachers[0], teacher_wide=other), ValueError,
             "teacher_wide", other, "dataset='cityscapes'", out=tmp_path / "out")
+
+
+def test_teacher_split_check_compares_the_lists_not_their_paths(toy, teachers, tmp_path):
+    """Teachers trained on a copy of the data (same list name and images, another path) are accepted; a list
+    of the same name with other images, or another partition, is refused by name."""
+    trained = tmp_path / "old_copy" / "labeled_1-8.txt"
+    trained.parent.mkdir()
+    current = toy / "lists" / "labeled_1-8.txt"
+    trained.write_text(current.read_text())
+    assert same_split(str(trained), str(current)) and same_split(str(current), str(current))
+    assert same_split(str(tmp_path / "moved_away" / "labeled_1-8.txt"), str(current))  # gone: the name decides
+    assert not same_split(str(tmp_path / "labeled_1-16.txt"), str(current))
+    trained.write_text("\n".join(reversed(current.read_text().split())))  # the same images in another order
+    assert same_split(str(trained), str(current))
+    trained.write_text("\n".join(current.read_text().split()[1:]))  # one image fewer
+    assert not same_split(str(trained), str(current))
+
+    other = tmp_path / "other" / "labeled_1-8.txt"
+    other.parent.mkdir()
+    other.write_text(current.read_text().split()[0] + "\n")
+    ckpt = load(make_teacher(tmp_path / "t.pth"))
+    ckpt["config"]["labeled_list"] = str(other)
+    save_checkpoint(ckpt, str(tmp_path / "t.pth"))
+    refused(overrides(toy, tmp_path / "out", method="mgd", teacher_deep=str(tmp_path / "t.pth"),
+                      teacher_wide=teachers[1]), ValueError, "teacher_deep", tmp_path / "t.pth",
+            f"labeled_list={str(other)!r}", out=tmp_path / "out")
 
 
 def test_missing_teacher_is_refused(toy, teachers, tmp_path):
