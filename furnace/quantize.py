@@ -72,8 +72,14 @@ PREFERRED_ENGINE = "onednn"  # measured faster than the default 'x86' (fbgemm) e
 QCONFIG = "x86"
 
 
+def int8_engine() -> str:
+    """The quantized engine int8 copies are made with: PREFERRED_ENGINE where this torch has it."""
+    supported = torch.backends.quantized.supported_engines
+    return PREFERRED_ENGINE if PREFERRED_ENGINE in supported else torch.backends.quantized.engine
+
+
 @contextmanager
-def _quantized_engine(engine: str):
+def quantized_engine(engine: str):
     """torch.backends.quantized.engine set to `engine` inside the block, restored after it."""
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
@@ -97,11 +103,9 @@ def quantize_teacher(teacher: nn.Module, calibration: Iterable[torch.Tensor]) ->
     batches = [b.float().cpu().contiguous() for b in calibration]
     if not batches:
         raise ValueError("quantize_teacher: no calibration images")
-    engine = (PREFERRED_ENGINE if PREFERRED_ENGINE in torch.backends.quantized.supported_engines
-              else torch.backends.quantized.engine)
     qconfig = get_default_qconfig_mapping(QCONFIG).set_module_name("segmentor.classifier", None)
     wrapped = _LogitsAndDecoder(copy.deepcopy(teacher).cpu().float().to(memory_format=torch.contiguous_format))
-    with warnings.catch_warnings(), _quantized_engine(engine):  # torch.ao's deprecation notices: hundreds
+    with warnings.catch_warnings(), quantized_engine(int8_engine()):  # torch.ao's deprecation notices: hundreds
         warnings.filterwarnings("ignore", message=r"(?s).*(deprecated|reduce_range)")
         observed = prepare_fx(wrapped.eval(), qconfig, example_inputs=(batches[0][:1],))
         for batch in batches:

@@ -15,7 +15,7 @@ from easydict import EasyDict
 from furnace.config import new_config
 from furnace.methods import _FOLDED, fold_batchnorm, folded_teacher, mgd_step, teacher_predict
 from furnace.models import build_segmentor
-from furnace.quantize import int8_supported
+from furnace.quantize import int8_engine, int8_supported
 from trainkit import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +94,7 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
         assert variants["teacher_predict bf16 autocast"]["argmax_agreement"] > 0.9
     # int8 teacher copies: made and checked as the trainer does, probed, and chosen only where they pass
     if int8_supported(torch.device("cpu")):
+        assert saved["peak_matmul"]["int8"]["engine"] == int8_engine()  # the int8 teachers' engine
         assert set(saved["int8_teachers"]) == {"deep", "wide"}
         for role, info in saved["int8_teachers"].items():
             assert 0 <= info["check_agreement"] <= 1

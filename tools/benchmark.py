@@ -86,7 +86,7 @@ from furnace.evaluate import sliding_probs
 from furnace.losses import combine_cutmix, content_aware_loss, pseudo_label_ce, semantic_sensitive_loss
 from furnace.methods import folded_teacher, mgd_step, mix, supervised_loss, teacher_predict
 from furnace.models import build_segmentor
-from furnace.quantize import int8_supported
+from furnace.quantize import int8_engine, int8_supported, quantized_engine
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 AMP = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}
@@ -251,8 +251,9 @@ def peak_matmul(device: torch.device, precision: str, sizes: List[int], repeats:
     per_size = {}
     for n in sizes:
         if precision == "int8":  # the quantized engine's GEMM (uint8 x int8 -> int32, requantized): what the
-            # int8 convolutions run on (torch._int_mm has no fast CPU kernel: ~1 GOP/s)
-            with warnings.catch_warnings():
+            # int8 convolutions run on, in the engine the int8 teachers use (torch._int_mm has no fast CPU
+            # kernel: ~1 GOP/s)
+            with warnings.catch_warnings(), quantized_engine(int8_engine()):
                 warnings.simplefilter("ignore")
                 linear = torch.ao.nn.quantized.Linear(n, n, bias_=False)
                 w = torch.quantize_per_tensor(torch.randn(n, n, generator=gen) / n ** 0.5, 1 / 128 / n ** 0.5, 0,
@@ -719,7 +720,8 @@ def main(argv=None) -> dict:
     try_int8 = args.teacher_precision != "amp" and int8_supported(device)
     if try_int8:
         peak["int8"] = peak_matmul(device, "int8", sizes if device.type == "cpu" else [4096])
-        log(f"peak int8 quantized GEMM: {peak['int8']['gflops']:.1f} GOP/s")
+        peak["int8"]["engine"] = int8_engine()
+        log(f"peak int8 quantized GEMM ({int8_engine()}): {peak['int8']['gflops']:.1f} GOP/s")
     result["peak_matmul"] = peak
 
     # -- data, config, networks
