@@ -33,6 +33,7 @@ from furnace.data import read_image, write_label
 from furnace.data.transforms import normalize
 from furnace.distributed import DistInfo
 from furnace.evaluate import inference_options, predict_probs
+from furnace.losses import IGNORE_INDEX
 
 ROLES = ("deep", "wide")
 
@@ -133,7 +134,8 @@ def attach(datasets: Dict[str, Dataset], root: str) -> None:
 
 
 def agreement(offline: torch.Tensor, online_logits: torch.Tensor) -> float:
-    """Share of the pixels that have an offline pseudo-label (not 255) where it equals the online argmax."""
-    valid = offline != 255
+    """Share of the pixels that have an offline pseudo-label (not IGNORE_INDEX) where it equals the online
+    argmax."""
+    valid = offline != IGNORE_INDEX
     same = (online_logits.argmax(1) == offline) & valid
     return float(same.sum()) / max(int(valid.sum()), 1)

@@ -12,7 +12,7 @@ from furnace.engine import build_datasets, load_teachers
 from furnace.losses import IGNORE_INDEX
 from furnace.methods import resolve_amp, teacher_predict
 from furnace.models import build_segmentor
-from furnace.quantize import Int8Teacher, argmax_agreement, int8_supported, quantize_teacher
+from furnace.quantize import Int8Teacher, argmax_agreement, int8_supported, quantize_teacher, quantized_engine
 from trainkit import NUM_CLASSES, exp_config, make_teacher, overrides, train_in_process
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -53,13 +53,9 @@ def test_int8_teacher_predicts_what_the_fp32_teacher_predicts(resnet18_int8):
     assert argmax_agreement(int8, teacher, x) > 0.9
     assert teacher_predict(int8, x, "off", with_decoder=False)[1] is None
     # the packed int8 weights keep the engine they were made with: the global setting does not matter
-    engine = torch.backends.quantized.engine
-    try:
-        for other in set(torch.backends.quantized.supported_engines) & {"x86", "onednn", "fbgemm"}:
-            torch.backends.quantized.engine = other
+    for other in set(torch.backends.quantized.supported_engines) & {"x86", "onednn", "fbgemm"}:
+        with quantized_engine(other):
             assert torch.equal(teacher_predict(int8, x, "off", with_decoder=False)[0], logits)
-    finally:
-        torch.backends.quantized.engine = engine
 
 
 def test_argmax_agreement_counts_only_valid_pixels():

@@ -606,8 +606,8 @@ def ensure_toy_data(path: Optional[str]) -> str:
 
 def make_config(args, data_root: str) -> EasyDict:
     values = dict(data_root=data_root, crop_size=args.crop, eval_crop_size=args.crop, batch_size=args.batch,
-                  num_workers=args.num_workers, num_classes=args.num_classes, network=args.student, teacher_deep_network=args.deep,
-                  teacher_wide_network=args.wide, partition=8, amp="off", channels_last=False,
+                  num_workers=args.num_workers, num_classes=args.num_classes, network=args.student,
+                  teacher_deep_network=args.deep, teacher_wide_network=args.wide, partition=8, amp="off", channels_last=False,
                   output_dir=tempfile.gettempdir(), seed=0)
     values["class_names"] = (VOC_CLASS_NAMES if args.num_classes == 21
                              else [f"class{i}" for i in range(args.num_classes)])
