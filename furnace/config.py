@@ -7,7 +7,9 @@ At launch, `resolve(C, overrides)` applies, in this order (later wins):
   3. command-line `key=value` pairs (e.g. `python train.py lr=0.01 epochs=2`).
 Values are Python literals where they parse as one (`0.01`, `[0.5, 1.0]`, `None`), strings otherwise.
 An unknown key is an error naming where it came from. String values may use the placeholders
-{root} (repository), {exp_dir}, {exp_name}, {method}, {data_root}, {partition}, {output_dir}.
+{root} (repository), {exp_dir}, {exp_name}, {method}, {data_root}, {partition}, {output_dir}, and in output_dir
+{run}: the run's name, `<method>` for the experiment's own settings and `<method>-<overrides>-<hash>` for a
+variant (furnace/run.py), so that each run has its own folder.
 """
 import argparse
 import ast
@@ -112,8 +114,9 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.device = "auto"                  # 'auto', 'cpu' or 'cuda'
 
     # checkpoints and logs
-    C.output_dir = "{exp_dir}/output/{method}"
+    C.output_dir = "{exp_dir}/output/{run}"  # {run}: one folder per run identity (furnace/run.py)
     C.save_every = 5                   # epochs; the last epoch is always saved
+    C.save_every_iters = 500           # also last.pth every this many iterations within an epoch (0: off)
     C.log_every = 10                   # iterations between TensorBoard points
 
     # evaluation
@@ -170,22 +173,46 @@ def collect_overrides(cfg_files: Iterable[str] = (), pairs: Iterable[str] = (),
 
 def resolve(C: EasyDict, overrides: Iterable[Tuple[str, str, str]] = ()) -> EasyDict:
     """A new config with the overrides applied, placeholders filled in, and values checked."""
+    base = EasyDict(dict(C))
     C = EasyDict(dict(C))
+    origins = {}
     for key, text, origin in overrides:
         if key not in C:
             raise KeyError(f"unknown config key {key!r} (from {origin}); known keys: {', '.join(sorted(C))}")
         C[key] = parse_value(text)
+        origins[key] = origin
+    from furnace import settings
+    settings.check_settings(C, origins)  # types and ranges, before any placeholder or file is used
 
-    # Fill placeholders; data_root and output_dir first since others refer to them.
-    names = {"root": REPO_ROOT, "exp_dir": C.exp_dir, "exp_name": C.exp_name, "partition": C.partition,
-             "method": C.method}
-    for key in ("data_root", "output_dir"):
-        C[key] = _fill(C[key], names, key)
-        names[key] = C[key]
+    # Fill placeholders; data_root and output_dir first since others refer to them. output_dir's {run}
+    # names the run from its identity (furnace/run.py), compared with the experiment's own settings.
+    from furnace.run import identity, run_name
+    base.method = C.method
+    ident = identity(_fill_identity(C))
+    names = _fill_identity(C, names_only=True)
+    names["run"] = run_name(C.method, ident, identity(_fill_identity(base)), origins)
+    C.output_dir = _fill(C.output_dir, names, "output_dir")
+    names["output_dir"] = C.output_dir
     for key, value in list(C.items()):
         if isinstance(value, str):
             C[key] = _fill(value, names, key)
     check(C)
+    return C
+
+
+def _fill_identity(C: EasyDict, names_only: bool = False):
+    """C with the placeholders of its identity keys filled (or, names_only, the placeholder values)."""
+    from furnace.run import IDENTITY_EXCLUDED
+    C = EasyDict(dict(C))
+    names = {"root": REPO_ROOT, "exp_dir": C.exp_dir, "exp_name": C.exp_name, "partition": C.partition,
+             "method": C.method}
+    C.data_root = _fill(C.data_root, names, "data_root")
+    names["data_root"] = C.data_root
+    if names_only:
+        return names
+    for key, value in list(C.items()):
+        if isinstance(value, str) and key not in IDENTITY_EXCLUDED:
+            C[key] = _fill(value, names, key)
     return C
 
 
@@ -249,5 +276,5 @@ def config_from_cli(C: EasyDict, parser: argparse.ArgumentParser,
     parser.add_argument("--cfg", action="append", default=[], metavar="FILE",
                         help="file of 'key = value' config overrides (repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value pairs and options in any order
     return resolve(C, collect_overrides(args.cfg, args.overrides)), args

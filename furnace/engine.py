@@ -23,7 +23,7 @@ from easydict import EasyDict
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from furnace import teacher_labels
+from furnace import run, teacher_labels
 from furnace.checkpoint import load_checkpoint, save_checkpoint, segmentor_from_checkpoint
 from furnace.config import config_from_cli, crop_hw
 from furnace.data import read_list
@@ -40,11 +40,12 @@ class EpochSampler(Sampler):
     """One epoch of one process's samples, each as (index, augmentation key).
 
     The epoch's global order is a seeded shuffle (repeated as needed) cut into global batches of
-    `global_batch`; process r takes positions r, r + W, r + 2W, ... of each global batch."""
+    `global_batch`; process r takes positions r, r + W, r + 2W, ... of each global batch. `start` skips the
+    epoch's first `start` global batches (a resume in the middle of an epoch) without reading them."""
 
     def __init__(self, n: int, global_batch: int, iters: int, seed: int, stream: int, epoch: int,
-                 rank: int = 0, world_size: int = 1):
-        self.n, self.global_batch, self.iters = n, global_batch, iters
+                 rank: int = 0, world_size: int = 1, start: int = 0):
+        self.n, self.global_batch, self.iters, self.start = n, global_batch, iters, start
         self.key = (seed, stream, epoch)
         self.rank, self.world_size = rank, world_size
 
@@ -52,15 +53,17 @@ class EpochSampler(Sampler):
         rng = np.random.default_rng(self.key)
         total = self.iters * self.global_batch
         order = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(total / self.n))])
-        for pos in range(self.rank, total, self.world_size):
+        for pos in range(self.start * self.global_batch + self.rank, total, self.world_size):
             yield int(order[pos]), self.key + (pos,)
 
     def __len__(self) -> int:
-        return self.iters * self.global_batch // self.world_size
+        return (self.iters - self.start) * self.global_batch // self.world_size
 
 
-def stream_loader(dataset: Dataset, C: EasyDict, info: DistInfo, stream: int, epoch: int, iters: int) -> DataLoader:
-    sampler = EpochSampler(len(dataset), C.batch_size, iters, C.seed, stream, epoch, info.rank, info.world_size)
+def stream_loader(dataset: Dataset, C: EasyDict, info: DistInfo, stream: int, epoch: int, iters: int,
+                  start: int = 0) -> DataLoader:
+    sampler = EpochSampler(len(dataset), C.batch_size, iters, C.seed, stream, epoch, info.rank, info.world_size,
+                           start)
     return DataLoader(dataset, batch_size=C.batch_size // info.world_size, sampler=sampler,
                       num_workers=C.num_workers, pin_memory=info.device.type == "cuda", drop_last=False)
 
@@ -268,6 +271,7 @@ class Trainer:
             raise ValueError(f"config: batch_size={C.batch_size} exceeds the training set ({max(sizes)} images)")
         self.total_iters = C.epochs * self.iters_per_epoch
         self.epoch, self.train_seconds = 0, 0.0
+        self.skip = 0  # iterations of self.epoch done before a resume in the middle of it
         if resume:
             self._restore()
         self.step_model = self.model
@@ -327,6 +331,10 @@ class Trainer:
                              f"trains {self.C.method} {self.C.network}")
         if "optimizer" not in ckpt:
             raise RuntimeError(f"--resume: {path} holds no optimiser state")
+        if ckpt["num_classes"] != self.C.num_classes:
+            raise ValueError(f"--resume: {path} predicts {ckpt['num_classes']} classes, this config has "
+                             f"num_classes={self.C.num_classes}; resume with num_classes={ckpt['num_classes']}, "
+                             f"or train the new setting in its own output_dir")
         model_state = ckpt["model"]
         if isinstance(self.model, CPSPair):
             model_state = {**{f"branch_a.{k}": v for k, v in ckpt["model"].items()},
@@ -336,40 +344,48 @@ class Trainer:
         self.scaler.load_state_dict(ckpt.get("scaler", {}))
         torch.set_rng_state(ckpt["rng"])
         self.epoch, self.train_seconds = ckpt["epoch"], ckpt["train_seconds"]
-        self.log.info(f"resumed from {path} at epoch {self.epoch}")
+        self.skip = ckpt.get("iteration", self.epoch * self.iters_per_epoch) - self.epoch * self.iters_per_epoch
+        if not 0 <= self.skip < self.iters_per_epoch:
+            raise ValueError(f"--resume: {path} is at iteration {ckpt.get('iteration')}, epoch {self.epoch}, which "
+                             f"does not fit iters_per_epoch={self.iters_per_epoch}")
+        self.log.info(f"resumed from {path} at epoch {self.epoch}"
+                      + (f", iteration {self.skip} of epoch {self.epoch + 1}" if self.skip else ""))
 
-    def _save(self) -> None:
+    def _save(self, iteration: Optional[int] = None, train_seconds: Optional[float] = None) -> None:
+        """At the end of epoch self.epoch (epoch-N.pth every save_every epochs, and last.pth); with `iteration`,
+        in the middle of the epoch after that many iterations in all (last.pth only, save_every_iters)."""
         # Every process checks (they hold the same weights), so all stop together: a non-finite weight
         # must never replace the last good checkpoint (the loss check cannot see an update that overflows
         # on the last step of an epoch).
         bad = [k for k, v in self.model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise FloatingPointError(
-                f"non-finite weights after epoch {self.epoch} ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
+                f"non-finite weights after {'epoch ' + str(self.epoch) if iteration is None else 'iteration ' + str(iteration)} ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); "
                 f"not saved, the last good checkpoint {osp.join(self.snapshot_dir, 'last.pth')} is kept. "
                 f"Lower lr or check the data.")
         if not self.info.is_main:
             return
         state = {"model": self.deployable.state_dict(), "network": self.C.network,
                  "num_classes": self.C.num_classes, "method": self.C.method, "epoch": self.epoch,
-                 "iteration": self.epoch * self.iters_per_epoch, "train_seconds": self.train_seconds,
+                 "iteration": self.epoch * self.iters_per_epoch if iteration is None else iteration,
+                 "train_seconds": self.train_seconds if train_seconds is None else train_seconds,
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": torch.get_rng_state(), "config": dict(self.C)}
         if isinstance(self.model, CPSPair):
             state["model_b"] = self.model.branch_b.state_dict()
-        if self.epoch % self.C.save_every == 0 or self.epoch == self.C.epochs:
+        if iteration is None and (self.epoch % self.C.save_every == 0 or self.epoch == self.C.epochs):
             save_checkpoint(state, osp.join(self.snapshot_dir, f"epoch-{self.epoch}.pth"))
         save_checkpoint(state, osp.join(self.snapshot_dir, "last.pth"))
 
-    def _batches(self, epoch: int) -> Iterator[Dict[str, torch.Tensor]]:
+    def _batches(self, epoch: int, start: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
         C, info, n = self.C, self.info, self.iters_per_epoch
-        labeled = stream_loader(self.datasets["labeled"], C, info, LABELED, epoch, n)
+        labeled = stream_loader(self.datasets["labeled"], C, info, LABELED, epoch, n, start)
         if C.method == "supervised":
             for b in labeled:
                 yield {"x_l": b["image"], "y_l": b["label"]}
             return
-        u0 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_0, epoch, n)
-        u1 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_1, epoch, n)
+        u0 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_0, epoch, n, start)
+        u1 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_1, epoch, n, start)
         for b, b0, b1 in zip(labeled, u0, u1):
             yield training_batch(b, b0, b1)
 
@@ -394,8 +410,8 @@ class Trainer:
         while self.epoch < C.epochs:
             start = time.time()
             bar = tqdm(total=self.iters_per_epoch, desc=f"{C.exp_name} {C.method} epoch {self.epoch + 1}/{C.epochs}",
-                       disable=not info.is_main, dynamic_ncols=True, leave=False)
-            for i, batch in enumerate(self._batches(self.epoch)):
+                       disable=not info.is_main, dynamic_ncols=True, leave=False, initial=self.skip)
+            for i, batch in enumerate(self._batches(self.epoch, self.skip), self.skip):
                 it = self.epoch * self.iters_per_epoch + i
                 lr = poly_lr(C, it, self.total_iters)
                 for group in self.optimizer.param_groups:
@@ -416,8 +432,9 @@ class Trainer:
                         for k, v in values.items():
                             writer.add_scalar(f"loss/{k}", v, it)
                         writer.add_scalar("lr", lr, it)
+                self._save_within_epoch(it + 1, start)
             bar.close()
-            self.epoch += 1
+            self.epoch, self.skip = self.epoch + 1, 0
             self.train_seconds += time.time() - start
             if info.is_main:
                 self.log.info(f"epoch {self.epoch}/{C.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in values.items())
@@ -426,6 +443,12 @@ class Trainer:
         if info.is_main:
             writer.close()
         return self.summary()
+
+    def _save_within_epoch(self, iterations: int, epoch_start: float) -> None:
+        """last.pth every save_every_iters iterations, except at an epoch's end (saved there anyway)."""
+        every = self.C.save_every_iters
+        if every and iterations % every == 0 and iterations % self.iters_per_epoch:
+            self._save(iteration=iterations, train_seconds=self.train_seconds + time.time() - epoch_start)
 
     def _check_finite(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor], it: int) -> Dict[str, float]:
         """Loss terms averaged over processes; stops every process on a non-finite loss, before the update."""
@@ -448,11 +471,15 @@ class Trainer:
 def main(C: EasyDict, argv: Optional[List[str]] = None) -> dict:
     """The body of every experiment's train.py."""
     parser = argparse.ArgumentParser(description=f"train {C.exp_name} ({C.method})")
-    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/snapshot/last.pth")
+    parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/snapshot/last.pth "
+                        "(without it, a folder that holds checkpoints is refused)")
     C, args = config_from_cli(C, parser, argv)
-    trainer = Trainer(C, resume=args.resume)
-    try:
-        return trainer.fit()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker (its own session): die with the launcher, no orphans
+        run.die_with_parent()
+    with run.claim(C, args.resume, rank=int(os.environ.get("RANK", 0))):  # lock, identity, no overwrite
+        trainer = Trainer(C, resume=args.resume)
+        try:
+            return trainer.fit()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

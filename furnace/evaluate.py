@@ -297,6 +297,9 @@ def main(C, argv: Sequence[str] | None = None, dataset=None) -> list[dict]:
     """Command line of every experiment's eval.py (works under torchrun for several processes).
     dataset: evaluate on this instead of build_dataset(C, 'val')."""
     C, args = config_from_cli(C, build_parser(), argv)
+    if not args.checkpoint:  # the run these settings name (furnace/run.py), not one with other settings
+        from furnace.run import check_folder
+        check_folder(C, "reporting its checkpoints as this run's")
     try:
         results = evaluate_checkpoints(C, args.epochs, args.checkpoint, args.save_path, args.mode, args.scales,
                                        args.flip, args.device, args.log_file, dataset)

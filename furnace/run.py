@@ -1,0 +1,259 @@
+"""What a run is, where it lives, and who may write it.
+
+A run's *identity* is the part of its resolved config that decides what it computes: data, lists, network,
+method, teachers, loss weights, schedule, seed, precision... Not where it writes (output_dir,
+teacher_label_dir), how fast or where it runs (num_workers, device, channels_last), how often it saves or
+logs, or how it is evaluated (val_list, eval_*): `IDENTITY_EXCLUDED` lists those; every other key is
+identity, new keys included.
+
+Each identity has its own folder: the config's default `output_dir = {exp_dir}/output/{run}` names it
+`<method>` for the experiment's own settings (config.py) and `<method>-<overridden keys>-<hash>` for a
+variant (e.g. `output/mgd` and `output/mgd-partition16-1f0e`): `run_name`. The resolved identity is written
+to `<output_dir>/run.json` when training starts; a folder that holds checkpoints of another identity is
+refused with the keys that differ (`check_folder`), whether the folder was named by the default or given
+with output_dir=.
+
+Training claims the folder (`claim`): the trainer's rank-0 process holds an flock on
+`<output_dir>/train.lock` (which names its pid and host) for the whole run, so a second trainer is refused;
+the kernel drops the lock when the holder dies, even by SIGKILL, so a crash never blocks the next run.
+The other processes of the run, on every node, join through torchrun's rendezvous and never take it.
+Without --resume, a folder that already holds checkpoints is refused, never overwritten.
+
+`python -m furnace.run --die-with-parent -- CMD ...` runs CMD so that it is killed when its parent dies
+(Linux PR_SET_PDEATHSIG, kept across exec): tools/run_experiment.sh launches through it, and torchrun's
+workers set the same on themselves (`die_with_parent`), so killing script.sh leaves no trainer behind.
+
+This module imports no torch at the top: the launcher wrapper must start fast.
+"""
+import contextlib
+import ctypes
+import datetime
+import errno
+import glob
+import hashlib
+import json
+import os
+import os.path as osp
+import re
+import signal
+import socket
+import sys
+from typing import Dict, Iterable, List, Optional, Tuple
+
+IDENTITY_EXCLUDED = frozenset({
+    "exp_name", "exp_dir", "output_dir", "teacher_label_dir", "num_workers", "device", "channels_last",
+    "save_every", "save_every_iters", "log_every", "val_list",
+    "eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scales", "eval_flip"})
+RUN_FILE = "run.json"
+LOCK_FILE = "train.lock"
+
+
+class RunRefused(RuntimeError):
+    """A run that would reuse, overwrite or share another run's folder."""
+
+
+# --------------------------------------------------------------------------------------------- identity
+def _plain(value):
+    """The JSON form of a value (tuples become lists), so that identities compare the same after a round trip."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def identity(C) -> Dict[str, object]:
+    """The settings of a (resolved) config that decide what its run computes."""
+    return {k: _plain(v) for k, v in C.items() if k not in IDENTITY_EXCLUDED}
+
+
+def differences(old: Dict[str, object], new: Dict[str, object], ignore: Iterable[str] = ()) -> List[Tuple[str, object, object]]:
+    """(key, old value, new value) for each identity key that differs ('<absent>' for a missing key)."""
+    ignore = set(ignore)
+    keys = list(new) + [k for k in old if k not in new]
+    return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in keys
+            if k not in ignore and old.get(k, "<absent>") != new.get(k, "<absent>")]
+
+
+def _label(key: str, value) -> str:
+    if isinstance(value, str):
+        value = osp.splitext(osp.basename(value.rstrip("/")))[0] if "/" in value else value
+    elif isinstance(value, (list, tuple)):
+        value = "_".join(str(v) for v in value)
+    value = re.sub(r"[^A-Za-z0-9._]+", "_", str(value)).strip("_")[:20]
+    return f"{key}{value}" if re.match(r"[-0-9.]", value or "x") else f"{key}_{value}"
+
+
+def run_name(method: str, ident: Dict[str, object], base: Dict[str, object], overridden: Iterable[str] = ()) -> str:
+    """`method` for the experiment's own settings (`base`), else `method-<up to 2 overridden keys>-<hash>`,
+    the hash over every identity value that differs from base (e.g. partition=16 also changes the lists)."""
+    diff = [k for k, _, _ in differences(base, ident)]
+    if not diff:
+        return method
+    shown = [k for k in dict.fromkeys(overridden) if k in diff] or diff
+    label = "-".join(_label(k, ident.get(k)) for k in shown[:2]) + (f"+{len(shown) - 2}" if len(shown) > 2 else "")
+    digest = hashlib.sha1(json.dumps({k: ident.get(k) for k in diff}, sort_keys=True).encode()).hexdigest()[:4]
+    return "-".join([method, label, digest])
+
+
+# ----------------------------------------------------------------------------------------------- folder
+def checkpoints(output_dir: str) -> List[str]:
+    """The checkpoint files of a run folder (complete ones: not the temporaries of an interrupted write)."""
+    return sorted(glob.glob(osp.join(output_dir, "snapshot", "*.pth")))
+
+
+def recorded_identity(output_dir: str) -> Tuple[Optional[Dict[str, object]], Optional[str], Tuple[str, ...]]:
+    """(identity, the file it comes from, keys not to compare) of the run in a folder: its run.json, or for a
+    folder written before run.json existed, the config saved in its last checkpoint (whose `amp` was
+    already resolved to the device). (None, None, ()) if the folder holds neither."""
+    path = osp.join(output_dir, RUN_FILE)
+    if osp.isfile(path):
+        with open(path) as f:
+            return json.load(f)["identity"], path, ()
+    ckpts = checkpoints(output_dir)
+    if ckpts:
+        from furnace.checkpoint import load_checkpoint
+        last = osp.join(output_dir, "snapshot", "last.pth")
+        path = last if last in ckpts else ckpts[-1]
+        config = load_checkpoint(path).get("config")
+        if config:
+            return identity(config), path, ("amp",)
+    return None, None, ()
+
+
+def _fmt(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_folder(C, what: str = "training") -> None:
+    """Refuse a folder whose checkpoints belong to a run of another identity, listing the keys that differ."""
+    out = C.output_dir
+    old, source, ignore = recorded_identity(out)
+    if old is None or not checkpoints(out):
+        return
+    diff = differences(old, identity(C), ignore)
+    if diff:
+        lines = "\n".join(f"  {k}: {_fmt(a)} there, {_fmt(b)} now" for k, a, b in diff)
+        raise RunRefused(
+            f"{out} holds a run with other settings ({source}); {what} would mix the two runs:\n{lines}\n"
+            f"To run these settings beside it, leave output_dir at its default ('{{exp_dir}}/output/{{run}}' names "
+            f"one folder per settings) or set output_dir=ANOTHER_FOLDER; to replace that run, delete {out}.")
+
+
+def write_identity(C) -> None:
+    """<output_dir>/run.json: the run's identity and how it was started (atomic write)."""
+    record = {"identity": identity(C), "experiment": C.exp_name, "output_dir": C.output_dir,
+              "started": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
+              "command": sys.argv}
+    path = osp.join(C.output_dir, RUN_FILE)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------- lock
+class RunLock:
+    """An exclusive flock on a file that names its holder. The kernel releases it when the holder's process
+    dies (also by SIGKILL): a stale file never blocks. (Processes forked by the holder, such as DataLoader
+    workers, share the lock until they exit.)"""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+
+    def acquire(self) -> None:
+        import fcntl
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace")
+                os.close(fd)
+                raise RunRefused(self._held_message(holder)) from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                print(f"warning: {self.path}: this file system has no locks ({e}); a second trainer on this "
+                      f"folder would not be refused", file=sys.stderr)
+            try:  # the holder may have removed the file between our open and our lock: lock the new one
+                if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+                    os.close(fd)
+                    continue
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            break
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": datetime.datetime.now().isoformat(timespec="seconds"), "command": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+
+    def _held_message(self, holder: str) -> str:
+        try:
+            info = json.loads(holder)
+            who = f"pid {info['pid']} on host {info['host']}, since {info['since']}: {' '.join(info['command'])}"
+        except (ValueError, KeyError, TypeError):
+            who = "a process that has not written its name yet"
+        return (f"another trainer is running on this run's folder: {self.path} is held by {who}. "
+                f"Wait for it to finish or stop it; the lock goes with its process, even after a crash.")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.remove(self.path)
+        os.close(self.fd)  # drops the flock
+        self.fd = None
+
+
+@contextlib.contextmanager
+def claim(C, resume: bool, rank: int = 0):
+    """Hold C.output_dir for one training: lock it, refuse another run's checkpoints or (without --resume)
+    any checkpoints, record run.json. Only the run's rank 0 does this; the other ranks pass through."""
+    if rank != 0:
+        yield
+        return
+    os.makedirs(C.output_dir, exist_ok=True)
+    lock = RunLock(osp.join(C.output_dir, LOCK_FILE))
+    lock.acquire()
+    try:
+        check_folder(C)
+        existing = checkpoints(C.output_dir)
+        if existing and not resume:
+            names = ", ".join(osp.basename(p) for p in existing)
+            raise RunRefused(
+                f"{C.output_dir} already holds a run (snapshot/{names}); not overwriting it. `--resume` continues "
+                f"it (script.sh does); to start over, delete {C.output_dir}; to run a variant beside it, change "
+                f"its settings (each has its own folder) or set output_dir=ANOTHER_FOLDER.")
+        write_identity(C)
+        yield
+    finally:
+        lock.release()
+
+
+# -------------------------------------------------------------------------------------- no orphans
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Have the kernel send `sig` to this process when its parent dies (Linux); exit at once if the parent
+    is already gone. Returns whether it is armed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+    if armed and os.getppid() != parent:
+        os._exit(1)  # the parent died before the signal was armed
+    return armed
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 3 or argv[:2] != ["--die-with-parent", "--"]:
+        sys.exit("usage: python -m furnace.run --die-with-parent -- COMMAND [ARG ...]")
+    die_with_parent()
+    os.execvp(argv[2], argv[2:])
+
+
+if __name__ == "__main__":
+    main()
