@@ -180,7 +180,8 @@ def resolve(C: EasyDict, overrides: Iterable[Tuple[str, str, str]] = ()) -> Easy
         if key not in C:
             raise KeyError(f"unknown config key {key!r} (from {origin}); known keys: {', '.join(sorted(C))}")
         C[key] = parse_value(text)
-        origins[key] = origin
+        origins.pop(key, None)
+        origins[key] = origin  # in the order of the last override of each key
     from furnace import settings
     settings.check_settings(C, origins)  # types and ranges, before any placeholder or file is used
 

@@ -81,13 +81,14 @@ def _label(key: str, value) -> str:
 
 
 def run_name(method: str, ident: Dict[str, object], base: Dict[str, object], overridden: Iterable[str] = ()) -> str:
-    """`method` for the experiment's own settings (`base`), else `method-<up to 2 overridden keys>-<hash>`,
+    """`method` for the experiment's own settings (`base`), else `method-<last 2 overridden keys>[+N]-<hash>`,
     the hash over every identity value that differs from base (e.g. partition=16 also changes the lists)."""
     diff = [k for k, _, _ in differences(base, ident)]
     if not diff:
         return method
     shown = [k for k in dict.fromkeys(overridden) if k in diff] or diff
-    label = "-".join(_label(k, ident.get(k)) for k in shown[:2]) + (f"+{len(shown) - 2}" if len(shown) > 2 else "")
+    # the last two overridden keys (command-line overrides come last): what sets a variant apart, usually
+    label = "-".join(_label(k, ident.get(k)) for k in shown[-2:]) + (f"+{len(shown) - 2}" if len(shown) > 2 else "")
     digest = hashlib.sha1(json.dumps({k: ident.get(k) for k in diff}, sort_keys=True).encode()).hexdigest()[:4]
     return "-".join([method, label, digest])
 
@@ -224,7 +225,8 @@ def claim(C, resume: bool, rank: int = 0):
                 f"{C.output_dir} already holds a run (snapshot/{names}); not overwriting it. `--resume` continues "
                 f"it (script.sh does); to start over, delete {C.output_dir}; to run a variant beside it, change "
                 f"its settings (each has its own folder) or set output_dir=ANOTHER_FOLDER.")
-        write_identity(C)
+        if not existing or not osp.isfile(osp.join(C.output_dir, RUN_FILE)):
+            write_identity(C)  # a resumed run keeps the record of its start
         yield
     finally:
         lock.release()

@@ -7,6 +7,8 @@ runs `furnace.engine.main` with the config of experiment folder EXP_DIR, like it
 instrumentation that production code must not carry:
   --fault kill-at-step:N    SIGKILL this process as training step N (counted from 1) begins
   --fault kill-in-save:N    SIGKILL this process halfway through writing the file of the N-th checkpoint save
+  --fault stall-at-step:N   as training step N begins, create the file $TRAINKIT_MARKER and sleep (holding the
+                            run's lock) until killed
   --runs JSON               several trainings in one process (one torchrun launch): a list of
                             {"out": DIR, "args": [...], "fp64": bool}; the process group stays up between them.
 fp64 runs the whole computation in float64 (default dtype, batches, and every `.float()` upcast of the
@@ -197,6 +199,18 @@ def _install_fault(spec: str) -> None:
             count[0] += 1
             if count[0] == n:
                 os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, batch)
+        furnace.engine.Trainer._step = _step
+    elif kind == "stall-at-step":
+        import time
+        step, count = furnace.engine.Trainer._step, [0]
+
+        def _step(self, batch):
+            count[0] += 1
+            if count[0] == n:
+                open(os.environ["TRAINKIT_MARKER"], "w").close()
+                while True:
+                    time.sleep(1)
             return step(self, batch)
         furnace.engine.Trainer._step = _step
     elif kind == "kill-in-save":

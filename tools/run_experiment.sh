@@ -4,7 +4,8 @@
 # Environment: NGPUS (processes per node; default: script.sh's published count capped at the GPUs present, 1 on CPU), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1),
 #              MASTER_PORT (one node: a free port; several nodes: 29500), EVAL_EPOCHS (checkpoints to evaluate,
 #              default: the last one).
-# Start over by deleting the experiment's output folder (<exp>/output/<method>).
+# Each run identity has its own folder, <exp>/output/<method> for config.py's settings and
+# <exp>/output/<method>-<overrides>-<hash> for a variant (furnace/run.py). Start over by deleting it.
 set -euo pipefail
 EXP_DIR="$(cd "$1" && pwd)"; shift
 # --cfg paths are given relative to where the user is; make them absolute before moving into EXP_DIR.
@@ -25,13 +26,23 @@ if [[ -z "${NGPUS:-}" ]]; then
   NGPUS=$(python -c "import torch; print(min(${PUBLISHED_NGPUS:-1}, torch.cuda.device_count()) or 1)")
   echo "run_experiment.sh: NGPUS=$NGPUS (set NGPUS to choose)" >&2
 fi
-if [[ -z "${MASTER_PORT:-}" ]]; then
+if [[ -z "${MASTER_PORT:-}" && ( "$NGPUS" != 1 || "${NNODES:-1}" != 1 ) ]]; then
   # One node: a port nobody listens on, so that several experiments can run on one machine at once
   # (torchrun's fixed default, 29500, makes the second one fail). Several nodes must agree on the port.
   MASTER_PORT=29500
   [[ "${NNODES:-1}" == 1 ]] && MASTER_PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 fi
-LAUNCH=(torchrun --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$NGPUS"
-        --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="$MASTER_PORT")
+# No orphans: every launch dies with this script (PR_SET_PDEATHSIG, furnace/run.py), and torchrun's workers,
+# which it starts in sessions of their own, die with torchrun (furnace.engine.main arms the same signal).
+# One process on one node needs no launcher at all.
+DIE_WITH_ME=(python -m furnace.run --die-with-parent --)
+if [[ "$NGPUS" == 1 && "${NNODES:-1}" == 1 ]]; then
+  LAUNCH=("${DIE_WITH_ME[@]}" python)
+else
+  LAUNCH=("${DIE_WITH_ME[@]}" torchrun --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$NGPUS"
+          --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="$MASTER_PORT")
+fi
+# The run's folder is <exp>/output/<run>, one per run identity (furnace/run.py); eval.py finds it from the
+# same arguments. --resume continues the run of these settings, or starts it.
 "${LAUNCH[@]}" train.py --resume "$@"
 "${LAUNCH[@]}" eval.py ${EVAL_EPOCHS:+-e "$EVAL_EPOCHS"} "$@"
