@@ -272,6 +272,7 @@ class Trainer:
         self.total_iters = C.epochs * self.iters_per_epoch
         self.epoch, self.train_seconds = 0, 0.0
         self.skip = 0  # iterations of self.epoch done before a resume in the middle of it
+        self.resume_rng = None  # the RNG state to continue from, once that epoch's loaders have started
         if resume:
             self._restore()
         self.step_model = self.model
@@ -345,6 +346,8 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"])
         self.epoch, self.train_seconds = ckpt["epoch"], ckpt["train_seconds"]
         self.skip = ckpt.get("iteration", self.epoch * self.iters_per_epoch) - self.epoch * self.iters_per_epoch
+        if self.skip:  # saved after the epoch's DataLoaders drew their seeds from it: restore it after they do
+            self.resume_rng = ckpt["rng"]
         if not 0 <= self.skip < self.iters_per_epoch:
             raise ValueError(f"--resume: {path} is at iteration {ckpt.get('iteration')}, epoch {self.epoch}, which "
                              f"does not fit iters_per_epoch={self.iters_per_epoch}")
@@ -413,6 +416,9 @@ class Trainer:
                        disable=not info.is_main, dynamic_ncols=True, leave=False, initial=self.skip)
             for i, batch in enumerate(self._batches(self.epoch, self.skip), self.skip):
                 it = self.epoch * self.iters_per_epoch + i
+                if self.resume_rng is not None:
+                    torch.set_rng_state(self.resume_rng)
+                    self.resume_rng = None
                 lr = poly_lr(C, it, self.total_iters)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr

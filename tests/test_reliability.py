@@ -64,26 +64,32 @@ def supervised_reference(toy, tmp_path_factory):
     return load(snapshot(out) / "last.pth")
 
 
-def test_kill_mid_epoch_then_resume_matches_uninterrupted_run(toy, teachers, tmp_path):
-    """MGD, 3 epochs of 3 steps: SIGKILL as step 5 (epoch 2, second step) begins; --resume redoes epoch 2
-    from the epoch-1 checkpoint and ends bit for bit where the uninterrupted run ends."""
-    settings = dict(method="mgd", epochs=3, iters_per_epoch=3, teacher_deep=teachers[0], teacher_wide=teachers[1])
-    train_in_process(overrides(toy, tmp_path / "ref", **settings))
-    argv = overrides(toy, tmp_path / "run", **settings)
+@pytest.mark.parametrize("method", ["supervised", "cps", "mgd"])
+def test_kill_mid_epoch_then_resume_matches_uninterrupted_run(toy, teachers, tmp_path, method):
+    """2 epochs of 3 steps with last.pth every 2 iterations (save_every_iters=2: iterations 2 and 4, in the
+    middle of epochs 1 and 2). SIGKILL as step 6 begins; --resume starts from iteration 4 (epoch 2, second
+    step) and ends bit for bit where the uninterrupted run (no mid-epoch checkpoints) ends."""
+    settings = dict(method=method, epochs=2, iters_per_epoch=3, teacher_deep=teachers[0], teacher_wide=teachers[1])
+    train_in_process(overrides(toy, tmp_path / "ref", **settings, save_every_iters=0))
+    argv = overrides(toy, tmp_path / "run", **settings, save_every_iters=2)
 
-    killed = run_driver(argv, fault="kill-at-step:5")
+    killed = run_driver(argv, fault="kill-at-step:6")
 
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert sorted(p.name for p in snapshot(tmp_path / "run").iterdir()) == ["epoch-1.pth", "last.pth"]
-    assert load_checkpoint(str(snapshot(tmp_path / "run") / "last.pth"))["epoch"] == 1
+    last = load_checkpoint(str(snapshot(tmp_path / "run") / "last.pth"))
+    assert (last["epoch"], last["iteration"]) == (1, 4)
     assert log_epochs(tmp_path / "run") == [1]
 
-    assert train_in_process(["--resume"] + argv)["epochs"] == 3
+    assert train_in_process(["--resume"] + argv)["epochs"] == 2
+    assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
+    assert "iteration 1 of epoch 2" in (tmp_path / "run" / "train.log").read_text()
 
     final, reference = load(snapshot(tmp_path / "run") / "last.pth"), load(snapshot(tmp_path / "ref") / "last.pth")
     assert assert_bitwise_equal(final, reference) > 0
-    assert assert_bitwise_equal(load(snapshot(tmp_path / "run") / "epoch-2.pth"),
-                                load(snapshot(tmp_path / "ref") / "epoch-2.pth")) > 0
+    assert torch.equal(final["rng"], reference["rng"]) and final["iteration"] == reference["iteration"] == 6
+    assert assert_bitwise_equal(load(snapshot(tmp_path / "run") / "epoch-1.pth"),
+                                load(snapshot(tmp_path / "ref") / "epoch-1.pth")) > 0
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(toy, supervised_reference, tmp_path):
