@@ -82,14 +82,16 @@ def _label(key: str, value) -> str:
 
 def run_name(method: str, ident: Dict[str, object], base: Dict[str, object], overridden: Iterable[str] = ()) -> str:
     """`method` for the experiment's own settings (`base`), else `method-<last 2 overridden keys>[+N]-<hash>`,
-    the hash over every identity value that differs from base (e.g. partition=16 also changes the lists)."""
+    the hash over every overridden identity value that differs from base."""
     diff = [k for k, _, _ in differences(base, ident)]
     if not diff:
         return method
     shown = [k for k in dict.fromkeys(overridden) if k in diff] or diff
     # the last two overridden keys (command-line overrides come last): what sets a variant apart, usually
     label = "-".join(_label(k, ident.get(k)) for k in shown[-2:]) + (f"+{len(shown) - 2}" if len(shown) > 2 else "")
-    digest = hashlib.sha1(json.dumps({k: ident.get(k) for k in diff}, sort_keys=True).encode()).hexdigest()[:4]
+    # over the overridden values, not the derived ones (partition=16 also changes the lists' absolute paths):
+    # the same overrides name the same folder wherever the repository is
+    digest = hashlib.sha1(json.dumps({k: ident.get(k) for k in shown}, sort_keys=True).encode()).hexdigest()[:4]
     return "-".join([method, label, digest])
 
 
