@@ -242,8 +242,8 @@ def float64_everywhere():
     def keep_float64(self, *args, **kwargs):
         return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
 
-    def float64_batches(self, epoch):
-        for batch in batches(self, epoch):
+    def float64_batches(self, epoch, start=0):
+        for batch in batches(self, epoch, start):
             yield {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
     torch.set_default_dtype(torch.float64)
     torch.Tensor.float = keep_float64
