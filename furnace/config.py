@@ -173,22 +173,15 @@ def collect_overrides(cfg_files: Iterable[str] = (), pairs: Iterable[str] = (),
 
 def resolve(C: EasyDict, overrides: Iterable[Tuple[str, str, str]] = ()) -> EasyDict:
     """A new config with the overrides applied, placeholders filled in, and values checked."""
-    base = EasyDict(dict(C))
-    C = EasyDict(dict(C))
-    origins = {}
-    for key, text, origin in overrides:
-        if key not in C:
-            raise KeyError(f"unknown config key {key!r} (from {origin}); known keys: {', '.join(sorted(C))}")
-        C[key] = parse_value(text)
-        origins.pop(key, None)
-        origins[key] = origin  # in the order of the last override of each key
     from furnace import settings
+    from furnace.run import identity, run_name
+    own = C
+    C, origins = _apply(C, overrides)
     settings.check_settings(C, origins)  # types and ranges, before any placeholder or file is used
+    base, _ = _apply(EasyDict(dict(own), method=C.method))  # the experiment's own settings, for {run}
 
     # Fill placeholders; data_root and output_dir first since others refer to them. output_dir's {run}
     # names the run from its identity (furnace/run.py), compared with the experiment's own settings.
-    from furnace.run import identity, run_name
-    base.method = C.method
     ident = identity(_fill_identity(C))
     names = _fill_identity(C, names_only=True)
     names["run"] = run_name(C.method, ident, identity(_fill_identity(base)), origins)
@@ -199,6 +192,21 @@ def resolve(C: EasyDict, overrides: Iterable[Tuple[str, str, str]] = ()) -> Easy
             C[key] = _fill(value, names, key)
     check(C)
     return C
+
+
+def _apply(C: EasyDict, overrides: Iterable[Tuple[str, str, str]] = ()) -> Tuple[EasyDict, Dict[str, str]]:
+    """A copy of C with the overrides applied, and where each overridden key's value came from (in the order
+    of each key's last override). Values derived from others before placeholders are filled belong here too:
+    resolve() applies this to the experiment's own settings as well, to name a run by what differs."""
+    C = EasyDict(dict(C))
+    origins = {}
+    for key, text, origin in overrides:
+        if key not in C:
+            raise KeyError(f"unknown config key {key!r} (from {origin}); known keys: {', '.join(sorted(C))}")
+        C[key] = parse_value(text)
+        origins.pop(key, None)
+        origins[key] = origin
+    return C, origins
 
 
 def _fill_identity(C: EasyDict, names_only: bool = False):

@@ -100,10 +100,14 @@ RULES: Dict[str, Check] = {
     "output_stride": lambda v: None if _is_int(v) and v in (8, 16, 32) else "must be 8, 16 or 32",
     "method": one_of("supervised", "cps", "mgd"), "teacher_deep": optional(text), "teacher_wide": optional(text),
     "teacher_deep_network": one_of(*NETWORKS), "teacher_wide_network": one_of(*NETWORKS),
-    "teacher_bn": one_of("eval", "train"), "teacher_precision": one_of("auto", "amp", "int8"),
+    "teacher_bn": optional(one_of("eval", "train")), "teacher_precision": one_of("auto", "amp", "int8"),
     "teacher_int8_min_agreement": number(0, 1), "teacher_calibration_images": integer(1),
-    "teacher_check_images": integer(1), "teacher_labels": one_of("online", "offline"),
+    "teacher_check_images": integer(1), "teacher_labels": optional(one_of("online", "offline")),
     "teacher_label_dir": optional(text),
+    # how the step is computed (`setting`; None in the keys it sets: the setting's value)
+    "setting": one_of("published", "fast"), "gpu_batch": integer(1),
+    "network_calls": optional(one_of("separate", "joint")), "cutmix_overlap": optional(one_of("toggle", "union")),
+    "loss_scope": optional(one_of("per_gpu", "global")),
     # loss weights
     "sup_weight": number(0), "cps_weight": number(0), "pixel_unlabeled_weight": number(0),
     "pixel_labeled_weight": number(0), "semantic_weight": number(0), "semantic_batch": number(0, lo_open=True),
@@ -112,7 +116,7 @@ RULES: Dict[str, Check] = {
     # optimisation
     "batch_size": integer(1), "lr": number(0, lo_open=True), "momentum": number(0, 1, hi_open=True),
     "weight_decay": number(0), "lr_power": number(0), "warmup_iters": integer(0), "epochs": integer(1),
-    "iters_per_epoch": optional(integer(1)), "amp": one_of("auto", "off", "bf16", "fp16"),
+    "iters_per_epoch": optional(integer(1)), "amp": optional(one_of("auto", "off", "bf16", "fp16")),
     "channels_last": boolean, "device": one_of("auto", "cpu", "cuda"),
     # checkpoints and logs
     "output_dir": text, "save_every": integer(1), "save_every_iters": integer(0), "log_every": integer(1),
