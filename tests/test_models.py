@@ -104,19 +104,65 @@ def test_output_stride_32_and_bad_settings():
         create_backbone("resnet18", stem_width=32)  # width only exists for the deep stem
 
 
+def published_dilate(stage: torch.nn.Module, dilation: int, multi_grid: bool) -> None:
+    """The published networks' dilation of a stage, written from its description: in each block, a stride-2
+    conv loses its stride, and every 3x3 conv gets the block's dilation (and padding); the block's dilation
+    doubles per block with multi_grid."""
+    for block in stage.children():
+        for m in block.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.stride = (1, 1)
+                if m.kernel_size == (3, 3):
+                    m.dilation = m.padding = (dilation, dilation)
+        dilation *= 2 if multi_grid else 1
+
+
+def stage_dilations(stage):
+    """Per block: (stride, dilation, padding) of each conv in order of definition."""
+    return [[(m.stride[0], m.dilation[0], m.padding[0]) for m in blk.modules() if isinstance(m, torch.nn.Conv2d)]
+            for blk in stage]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet101", "wide_resnet50_2"])
+def test_dilation_of_every_conv(name):
+    """OS16: every 3x3 conv of layer4's blocks has dilation 2, 4, 8 (the first block's conv that lost its stride
+    included), padding equal to it, stride 1; 1x1 convs (downsample too) stride 1, dilation 1.
+    OS8: the same in layer3 with dilation 2 throughout, and layer4 with 4, 8, 16."""
+    for os_, stages in ((16, {"layer4": (2, True)}), (8, {"layer3": (2, False), "layer4": (4, True)})):
+        net = create_backbone(name, os_)
+        for stage_name, (first, grid) in stages.items():
+            for i, convs in enumerate(stage_dilations(getattr(net, stage_name))):
+                d = first * 2 ** i if grid else first
+                assert convs == [(1, d, d) if k == 3 else (1, 1, 0)
+                                 for k in [m.kernel_size[0] for m in getattr(net, stage_name)[i].modules()
+                                           if isinstance(m, torch.nn.Conv2d)]], (name, os_, stage_name, i)
+        if os_ == 16:  # layer3 stays undilated, with its stride
+            assert all(c[1] == 1 for blk in stage_dilations(net.layer3) for c in blk)
+            assert net.layer3[0].downsample[0].stride == (2, 2)
+
+
+@pytest.mark.parametrize("name,deep_stem,stem_width", [("resnet18", True, 32), ("resnet101", True, 64),
+                                                       ("wide_resnet50_2", False, 64)])
+def test_dilated_network_equals_published_procedure(name, deep_stem, stem_width):
+    """Same weights, same outputs: our OS16 backbone against an OS32 one dilated the published way."""
+    torch.manual_seed(0)
+    ours = create_backbone(name, 16, deep_stem, stem_width).eval()
+    published = create_backbone(name, 32, deep_stem, stem_width)
+    published.load_state_dict(ours.state_dict())
+    published_dilate(published.layer4, 2, multi_grid=True)
+    published.eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        for a, b in zip(ours(x), published(x)):
+            assert torch.equal(a, b)
+
+
 def test_dilation_scheme():
-    """OS16: layer4 multi-grid 2, 4, 8 (stride-removed conv keeps 1); OS8: layer3 dilation 2, layer4 4, 8, 16."""
     r50 = backbone("resnet50", 16)
-    assert [blk.conv2.dilation[0] for blk in r50.layer4] == [1, 4, 8]
+    assert [blk.conv2.dilation[0] for blk in r50.layer4] == [2, 4, 8]
     assert [blk.conv2.stride[0] for blk in r50.layer4] == [1, 1, 1]
     assert r50.layer4[0].downsample[0].stride == (1, 1) and r50.layer3[0].downsample[0].stride == (2, 2)
     assert [blk.conv2.dilation[0] for blk in r50.layer3] == [1] * 6
-    r18 = backbone("resnet18", 16)
-    assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in r18.layer4] == [(1, 2), (4, 4)]
-    assert r18.layer4[1].conv1.padding == (4, 4)
-    r18_8 = backbone("resnet18", 8)
-    assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in r18_8.layer3] == [(1, 2), (2, 2)]
-    assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in r18_8.layer4] == [(2, 4), (8, 8)]
     mb = backbone("mobilenet_v2", 16)
     assert [mb.features[i].conv[1][0].dilation[0] for i in (13, 14, 15, 17)] == [1, 1, 2, 2]
     assert mb.features[14].conv[1][0].stride == (1, 1)
