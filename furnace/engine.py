@@ -294,6 +294,8 @@ class Trainer:
                 raise ValueError("config: zero_init_residual is for training from scratch; it would reset "
                                  f"part of the pretrained weights {self.C.pretrained}")
             zero_init_residual_(model.backbone)
+        if model.backbone.pretrained_load is not None:
+            self.log.info(f"pretrained {self.C.pretrained}: {model.backbone.pretrained_load.describe()}")
         return model
 
     def _make_logger(self) -> logging.Logger:

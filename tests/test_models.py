@@ -332,6 +332,55 @@ def test_mismatched_file_raises_and_partial_load(tmp_path):
         load_pretrained(target, tmp_path / "nope.pth")
 
 
+def test_torchvision_resnet18_into_deep_stem_student_as_published(tmp_path):
+    """The published student start: torchvision's ResNet-18 file (7x7 stem, fc) into the deep-stem network.
+    bn1 and layer1-4 get the file's tensors, the three stem convs and their two BNs keep their initialisation,
+    and the result lists exactly those; with strict=True (the default) this load is accepted."""
+    torch.manual_seed(4)
+    src = randomise(create_backbone("resnet18"))
+    sd = {**src.state_dict(), **head_tensors("resnet18")}
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(sd, path)
+    torch.manual_seed(5)
+    init = create_backbone("resnet18", deep_stem=True, stem_width=32).state_dict()
+    torch.manual_seed(5)
+    student = build_segmentor("resnet18", 21, pretrained=str(path))
+    res = student.backbone.pretrained_load
+    stem = {f"conv1.{i}.{p}" for i in (1, 4) for p in BN[:4]} | {"conv1.0.weight", "conv1.3.weight", "conv1.6.weight"}
+    assert set(res.missing) == stem and res.unexpected == ["conv1.weight"] and res.mismatched == []
+    now = student.backbone.state_dict()
+    loaded = [k for k in src.state_dict() if k != "conv1.weight"]
+    assert res.loaded == len(loaded)
+    for k in loaded:
+        assert torch.equal(now[k], sd[k]), k
+    for k in stem:
+        assert torch.equal(now[k], init[k]), k
+    line = res.describe()
+    assert all(k in line for k in stem) and "conv1.weight" in line and f"{len(loaded)} tensors loaded" in line
+    # A wider mismatch than the stem is still refused.
+    del sd["layer4.1.bn2.running_var"]
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError, match="layer4.1.bn2.running_var"):
+        build_segmentor("resnet18", 21, pretrained=str(path))
+
+
+def test_full_deep_stem_file_loads_strictly(tmp_path):
+    torch.manual_seed(6)
+    src = randomise(create_backbone("resnet18", deep_stem=True, stem_width=32))
+    path = tmp_path / "resnet18_v1c.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+    student = build_segmentor("resnet18", 21, pretrained=str(path))
+    res = student.backbone.pretrained_load
+    assert (res.missing, res.unexpected, res.mismatched) == ([], [], []) and res.loaded == len(src.state_dict())
+    for k, v in src.state_dict().items():
+        assert torch.equal(student.backbone.state_dict()[k], v)
+    sd = src.state_dict()
+    del sd["conv1.4.weight"]
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError, match="conv1.4.weight"):
+        build_segmentor("resnet18", 21, pretrained=str(path))
+
+
 # ---------------------------------------------------------------- DeepLabv3+
 @pytest.mark.parametrize("network,size,os_", [("resnet18", 64, 16), ("mobilenet_v2", 64, 16), ("resnet18", 64, 8)])
 def test_deeplab_shapes_and_gradients(network, size, os_):
