@@ -81,7 +81,8 @@ def cutmix_masks(C: EasyDict, info: DistInfo, iteration: int) -> torch.Tensor:
     from furnace.data import cutmix_box_mask
     seed = int(np.random.SeedSequence([C.seed, CUTMIX, iteration]).generate_state(1)[0])
     h, w = crop_hw(C.crop_size)
-    masks = cutmix_box_mask(C.batch_size, h, w, generator=torch.Generator().manual_seed(seed))
+    masks = cutmix_box_mask(C.batch_size, h, w, generator=torch.Generator().manual_seed(seed),
+                            toggle_overlaps=C.cutmix_overlap == "toggle")
     return masks[info.rank::info.world_size]
 
 
@@ -142,10 +143,10 @@ def load_teachers(C: EasyDict, info: DistInfo, datasets: Optional[Dict[str, Data
             if key in trained_on and not same(trained_on[key], C[key]):
                 raise ValueError(f"teacher_{role} {path} was trained with {key}={trained_on[key]!r}, "
                                  f"this run has {key}={C[key]!r}")
-        teacher.requires_grad_(False)
-        teacher.train(C.teacher_bn == "train")
         if C.teacher_bn == "train":
             teacher = synchronised_batchnorm(teacher, info)
+        teacher.requires_grad_(False)  # after the BatchNorm conversion, whose new modules have fresh parameters
+        teacher.train(C.teacher_bn == "train")
         if C.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         teachers[role] = teacher.to(info.device)
@@ -239,6 +240,11 @@ class Trainer:
         if C.batch_size % self.info.world_size:
             raise ValueError(f"config: batch_size={C.batch_size} is not divisible by the "
                              f"{self.info.world_size} processes")
+        if C.loss_scope == "per_gpu" and (C.batch_size // self.info.world_size) % C.gpu_batch:
+            raise ValueError(f"config: loss_scope='per_gpu' computes each loss on groups of gpu_batch={C.gpu_batch} "
+                             f"images, and {self.info.world_size} processes hold {C.batch_size // self.info.world_size} "
+                             f"each (batch_size={C.batch_size}); use a process count that divides "
+                             f"{C.batch_size // C.gpu_batch}, or loss_scope='global'")
         C.amp = resolve_amp(C.amp, self.info.device)
         if C.amp == "fp16" and self.info.device.type != "cuda":
             raise ValueError("config: amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")

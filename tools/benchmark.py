@@ -137,7 +137,7 @@ def published_mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch
         terms["pix_l"] = C.pixel_labeled_weight * (pseudo_label_ce(s_l, deep["x_l"])
                                                    + pseudo_label_ce(s_l, wide["x_l"]))
     if C.semantic_weight > 0:
-        terms["semantic"] = C.semantic_weight * C.semantic_batch * semantic_sensitive_loss(s_m, deep["u_m"]) / n_u
+        terms["semantic"] = C.semantic_weight * C.gpu_batch * semantic_sensitive_loss(s_m, deep["u_m"]) / n_u
     if C.region_weight > 0:
         terms["region"] = C.region_weight * content_aware_loss(f_student, wide["f_m"], C.region_grid)
     # Reverse terms (published): each teacher's prediction against the student's pseudo-labels. No gradient.
