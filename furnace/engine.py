@@ -274,6 +274,7 @@ class Trainer:
             raise ValueError(f"config: batch_size={C.batch_size} exceeds the training set ({max(sizes)} images)")
         self.total_iters = C.epochs * self.iters_per_epoch
         self.epoch, self.train_seconds = 0, 0.0
+        self.last_losses: Dict[str, float] = {}  # the loss terms of the last step (averaged over processes)
         if resume:
             self._restore()
         self.step_model = self.model
@@ -362,7 +363,7 @@ class Trainer:
                  "num_classes": self.C.num_classes, "method": self.C.method, "epoch": self.epoch,
                  "iteration": self.epoch * self.iters_per_epoch, "train_seconds": self.train_seconds,
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "rng": torch.get_rng_state(), "config": dict(self.C)}
+                 "rng": torch.get_rng_state(), "config": dict(self.C), "losses": self.last_losses}
         if isinstance(self.model, CPSPair):
             state["model_b"] = self.model.branch_b.state_dict()
         if self.epoch % self.C.save_every == 0 or self.epoch == self.C.epochs:
@@ -412,7 +413,7 @@ class Trainer:
                 if C.method != "supervised":
                     batch["mask"] = cutmix_masks(C, info, it).to(info.device)
                 loss, terms = self._step(batch)
-                values = self._check_finite(loss, terms, it)
+                values = self.last_losses = self._check_finite(loss, terms, it)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)

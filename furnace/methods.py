@@ -46,16 +46,20 @@ def autocast(device: torch.device, amp: str):
 
 
 def per_gpu_mean(fn: Callable[..., torch.Tensor], group: int, *inputs) -> torch.Tensor:
-    """mean_g fn(inputs of group g), over consecutive groups of `group` images (a tensor input is split along
-    its first dimension, a tuple input element by element).
+    """mean_g fn(inputs of group g) over the k = batch / `group` groups of this process's batch; image j is in
+    group j mod k (a tensor input is split along its first dimension, a tuple input element by element).
 
-    This is what the published code's update is made of: each GPU computes every loss on its own `group`
-    images, and the all-reduce / world size / DDP average turns these into a mean over GPUs (README,
-    "Faithfulness to the paper"). A process holding k groups computes their mean; DDP averages the processes."""
-    def part(x, i):
-        return tuple(part(t, i) for t in x) if isinstance(x, tuple) else x[i * group:(i + 1) * group]
-    n = (inputs[0][0] if isinstance(inputs[0], tuple) else inputs[0]).shape[0] // group
-    return sum(fn(*(part(x, i) for x in inputs)) for i in range(n)) / n
+    This is what the published update is made of: each GPU computes every loss on its own `group` images, and
+    the all-reduce / world size / DDP average turns these into a mean over GPUs (README, "Faithfulness to the
+    paper"). The engine's sampler deals the global batch to W processes in turn (image i to process i mod W),
+    so with groups taken in turn too, group g holds global images g, g + G, g + 2G, ... (G groups in all)
+    whatever W: 1 and N processes compute the same groups, and a process of the run holds k = G / W of them."""
+    first = inputs[0][0] if isinstance(inputs[0], tuple) else inputs[0]
+    k = first.shape[0] // group
+
+    def part(x, g):
+        return tuple(part(t, g) for t in x) if isinstance(x, tuple) else x[g::k]
+    return sum(fn(*(part(x, g) for x in inputs)) for g in range(k)) / k
 
 
 def scoped(C: EasyDict, fn: Callable[..., torch.Tensor], *inputs) -> torch.Tensor:
