@@ -27,6 +27,16 @@ NETWORKS = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 TEACHER_PRECISIONS = ("auto", "amp", "int8")
 
+# `setting` chooses, in one switch, how a run computes its step (README, "Faithfulness to the paper").
+# 'published': the update of the published code for its per-GPU batch, on any number of processes.
+# 'fast': the project's faster choices. Each key below can still be set on its own (ablations); a key left
+# at None takes the setting's value.
+SETTINGS = {
+    "published": dict(teacher_bn="train", teacher_labels="online", network_calls="separate",
+                      cutmix_overlap="toggle", loss_scope="per_gpu", amp="off"),
+    "fast": dict(teacher_bn="eval", teacher_labels="offline", network_calls="joint",
+                 cutmix_overlap="union", loss_scope="global", amp="auto"),
+}
 
 
 def new_config(dataset: str, exp_file: str) -> EasyDict:
@@ -74,25 +84,34 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.teacher_wide = None              # checkpoint of the wide teacher (CPS branch 1)
     C.teacher_deep_network = "resnet101"
     C.teacher_wide_network = "wide_resnet50_2"
-    C.teacher_bn = "eval"              # 'eval': frozen BN statistics; 'train': batch statistics, as published
+    C.teacher_bn = None                # 'train': batch statistics of each call, as published; 'eval': frozen BN
     C.teacher_precision = "auto"       # 'auto': int8 copies on CPU (furnace/quantize.py) where they keep the
                                        # fp32 argmax (below), else as `amp`; 'amp': as `amp`; 'int8': always
     C.teacher_int8_min_agreement = 0.98  # least share of held-out labeled pixels with the fp32 argmax
     C.teacher_calibration_images = 32  # unlabeled training crops that set the int8 activation ranges
     C.teacher_check_images = 16        # labeled training crops on which the agreement is measured
-    C.teacher_labels = "offline"       # 'offline': the teachers' pseudo-labels of x_l, u0, u1 are predicted
-                                       # once per image and augmented with it (furnace/teacher_labels.py;
-                                       # 2-4x faster steps); 'online': predicted on every augmented crop at
-                                       # every step, as published
+    C.teacher_labels = None            # 'online': predicted on every augmented crop at every step, as
+                                       # published; 'offline': the teachers' pseudo-labels of x_l, u0, u1 are
+                                       # predicted once per image and augmented with it (furnace/teacher_labels.py)
     C.teacher_label_dir = None         # offline pseudo-labels; None: {output_dir}/teacher_labels
+
+    # how the step is computed: SETTINGS above; None = the setting's value
+    C.setting = "published"
+    C.gpu_batch = 2                    # images per GPU in the published run: with loss_scope='per_gpu' every loss
+                                       # is a mean over such groups of per-group values, as each published GPU
+                                       # computed it; lambda_1 is a sum over this many images in both scopes
+    C.network_calls = None             # 'separate': each network called on each input (u0, u1, u_m, x_l) on
+                                       # its own, as published (BatchNorm statistics per call); 'joint': one call
+                                       # on the inputs that need it, concatenated
+    C.cutmix_overlap = None            # 'toggle': overlapping boxes flip the mask back to 0, as published; 'union'
+    C.loss_scope = None                # 'per_gpu': as published (above); 'global': normalised over the global batch
 
     # loss weights (0 switches a term off, for ablations)
     C.sup_weight = 1.0
     C.cps_weight = 1.0
     C.pixel_unlabeled_weight = 1.0     # CE(s_mix, argmax T_D mix) + CE(s_mix, argmax T_W mix)
     C.pixel_labeled_weight = 1.0       # CE(s_l, argmax T_D(x_l)) + CE(s_l, argmax T_W(x_l))
-    C.semantic_weight = 0.002          # lambda_1, see semantic_batch
-    C.semantic_batch = 2               # lambda_1 was published for a sum over 2 images per GPU
+    C.semantic_weight = 0.002          # lambda_1, see gpu_batch
     C.region_weight = 100.0            # lambda_2
     C.region_grid = 7
     C.ohem = dataset == "cityscapes"
@@ -108,8 +127,8 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.warmup_iters = 0
     C.epochs = 34
     C.iters_per_epoch = None           # None: max(|D_l|, |D_u|) // batch_size
-    C.amp = "auto"                     # 'auto' (bf16 on CUDA and bf16-capable CPUs, else off), 'off', 'bf16',
-                                       # 'fp16' (CUDA only)
+    C.amp = None                       # 'off' (fp32, as published), 'auto' (bf16 on CUDA and bf16-capable CPUs,
+                                       # else off), 'bf16', 'fp16' (CUDA only)
     C.channels_last = False
     C.device = "auto"                  # 'auto', 'cpu' or 'cuda'
 
@@ -206,6 +225,11 @@ def _apply(C: EasyDict, overrides: Iterable[Tuple[str, str, str]] = ()) -> Tuple
         C[key] = parse_value(text)
         origins.pop(key, None)
         origins[key] = origin
+    if C.setting not in SETTINGS:
+        raise ValueError(f"config: setting={C.setting!r}; expected one of {tuple(SETTINGS)}")
+    for key, value in SETTINGS[C.setting].items():  # keys left at None take the setting's value
+        if C[key] is None:
+            C[key] = value
     return C, origins
 
 
@@ -249,8 +273,15 @@ def check(C: EasyDict) -> None:
     need(C.teacher_labels in ("online", "offline"),
          f"teacher_labels={C.teacher_labels!r}; expected 'online' or 'offline'")
     need(not (C.method == "mgd" and C.teacher_labels == "offline" and C.teacher_bn == "train"),
-         "teacher_labels='offline' (the default) needs teacher_bn='eval': a pseudo-label made once cannot depend "
-         "on the batch; set teacher_labels='online' for train-mode teachers")
+         "teacher_labels='offline' needs teacher_bn='eval': a pseudo-label made once cannot depend on the batch; "
+         "set teacher_labels='online' for train-mode teachers (setting='published' has both)")
+    need(C.network_calls in ("separate", "joint"), f"network_calls={C.network_calls!r}; expected 'separate' or 'joint'")
+    need(C.cutmix_overlap in ("toggle", "union"), f"cutmix_overlap={C.cutmix_overlap!r}; expected 'toggle' or 'union'")
+    need(C.loss_scope in ("per_gpu", "global"), f"loss_scope={C.loss_scope!r}; expected 'per_gpu' or 'global'")
+    need(isinstance(C.gpu_batch, int) and C.gpu_batch > 0, f"gpu_batch={C.gpu_batch!r} must be a positive int")
+    need(C.loss_scope != "per_gpu" or C.batch_size % C.gpu_batch == 0,
+         f"batch_size={C.batch_size} is not a multiple of gpu_batch={C.gpu_batch} (loss_scope='per_gpu' averages "
+         f"per-GPU losses over groups of gpu_batch images)")
     need(0 <= C.teacher_int8_min_agreement <= 1,
          f"teacher_int8_min_agreement={C.teacher_int8_min_agreement!r} must be in [0, 1]")
     for key in ("teacher_calibration_images", "teacher_check_images"):

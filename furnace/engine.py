@@ -84,7 +84,8 @@ def cutmix_masks(C: EasyDict, info: DistInfo, iteration: int) -> torch.Tensor:
     from furnace.data import cutmix_box_mask
     seed = int(np.random.SeedSequence([C.seed, CUTMIX, iteration]).generate_state(1)[0])
     h, w = crop_hw(C.crop_size)
-    masks = cutmix_box_mask(C.batch_size, h, w, generator=torch.Generator().manual_seed(seed))
+    masks = cutmix_box_mask(C.batch_size, h, w, generator=torch.Generator().manual_seed(seed),
+                            toggle_overlaps=C.cutmix_overlap == "toggle")
     return masks[info.rank::info.world_size]
 
 
@@ -145,10 +146,10 @@ def load_teachers(C: EasyDict, info: DistInfo, datasets: Optional[Dict[str, Data
             if key in trained_on and not same(trained_on[key], C[key]):
                 raise ValueError(f"teacher_{role} {path} was trained with {key}={trained_on[key]!r}, "
                                  f"this run has {key}={C[key]!r}")
-        teacher.requires_grad_(False)
-        teacher.train(C.teacher_bn == "train")
         if C.teacher_bn == "train":
             teacher = synchronised_batchnorm(teacher, info)
+        teacher.requires_grad_(False)  # after the BatchNorm conversion, whose new modules have fresh parameters
+        teacher.train(C.teacher_bn == "train")
         if C.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         teachers[role] = teacher.to(info.device)
@@ -242,6 +243,11 @@ class Trainer:
         if C.batch_size % self.info.world_size:
             raise ValueError(f"config: batch_size={C.batch_size} is not divisible by the "
                              f"{self.info.world_size} processes")
+        if C.loss_scope == "per_gpu" and (C.batch_size // self.info.world_size) % C.gpu_batch:
+            raise ValueError(f"config: loss_scope='per_gpu' computes each loss on groups of gpu_batch={C.gpu_batch} "
+                             f"images, and {self.info.world_size} processes hold {C.batch_size // self.info.world_size} "
+                             f"each (batch_size={C.batch_size}); use a process count that divides "
+                             f"{C.batch_size // C.gpu_batch}, or loss_scope='global'")
         C.amp = resolve_amp(C.amp, self.info.device)
         if C.amp == "fp16" and self.info.device.type != "cuda":
             raise ValueError("config: amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
@@ -273,6 +279,7 @@ class Trainer:
         self.epoch, self.train_seconds = 0, 0.0
         self.skip = 0  # iterations of self.epoch done before a resume in the middle of it
         self.resume_rng = None  # the RNG state to continue from, once that epoch's loaders have started
+        self.last_losses: Dict[str, float] = {}  # the loss terms of the last step (averaged over processes)
         if resume:
             self._restore()
         self.step_model = self.model
@@ -299,6 +306,8 @@ class Trainer:
                 raise ValueError("config: zero_init_residual is for training from scratch; it would reset "
                                  f"part of the pretrained weights {self.C.pretrained}")
             zero_init_residual_(model.backbone)
+        if model.backbone.pretrained_load is not None:
+            self.log.info(f"pretrained {self.C.pretrained}: {model.backbone.pretrained_load.describe()}")
         return model
 
     def _make_logger(self) -> logging.Logger:
@@ -373,7 +382,7 @@ class Trainer:
                  "iteration": self.epoch * self.iters_per_epoch if iteration is None else iteration,
                  "train_seconds": self.train_seconds if train_seconds is None else train_seconds,
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "rng": torch.get_rng_state(), "config": dict(self.C)}
+                 "rng": torch.get_rng_state(), "config": dict(self.C), "losses": self.last_losses}
         if isinstance(self.model, CPSPair):
             state["model_b"] = self.model.branch_b.state_dict()
         if iteration is None and (self.epoch % self.C.save_every == 0 or self.epoch == self.C.epochs):
@@ -426,7 +435,7 @@ class Trainer:
                 if C.method != "supervised":
                     batch["mask"] = cutmix_masks(C, info, it).to(info.device)
                 loss, terms = self._step(batch)
-                values = self._check_finite(loss, terms, it)
+                values = self.last_losses = self._check_finite(loss, terms, it)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)

@@ -8,7 +8,7 @@ import copy
 import itertools
 import weakref
 from contextlib import nullcontext
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -45,13 +45,43 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def supervised_loss(C: EasyDict, logits: torch.Tensor, target: torch.Tensor, world_size: int) -> torch.Tensor:
-    """CE (OHEM CE on Cityscapes) on labeled pixels.
+def per_gpu_mean(fn: Callable[..., torch.Tensor], group: int, *inputs) -> torch.Tensor:
+    """mean_g fn(inputs of group g) over the k = batch / `group` groups of this process's batch; image j is in
+    group j mod k (a tensor input is split along its first dimension, a tuple input element by element).
 
-    Plain CE is normalised by the valid-pixel count of the whole global batch (per process: that count
-    divided by the number of processes), so 1 and N processes optimise the same loss."""
-    if C.ohem:
-        return ohem_ce(logits, target, C.ohem_thresh, C.ohem_min_kept * target.shape[0])
+    This is what the published update is made of: each GPU computes every loss on its own `group` images, and
+    the all-reduce / world size / DDP average turns these into a mean over GPUs (README, "Faithfulness to the
+    paper"). The engine's sampler deals the global batch to W processes in turn (image i to process i mod W),
+    so with groups taken in turn too, group g holds global images g, g + G, g + 2G, ... (G groups in all)
+    whatever W: 1 and N processes compute the same groups, and a process of the run holds k = G / W of them."""
+    first = inputs[0][0] if isinstance(inputs[0], tuple) else inputs[0]
+    k = first.shape[0] // group
+
+    def part(x, g):
+        return tuple(part(t, g) for t in x) if isinstance(x, tuple) else x[g::k]
+    return sum(fn(*(part(x, g) for x in inputs)) for g in range(k)) / k
+
+
+def scoped(C: EasyDict, fn: Callable[..., torch.Tensor], *inputs) -> torch.Tensor:
+    """fn on this process's whole batch (C.loss_scope='global'), or its mean over the published per-GPU groups
+    of C.gpu_batch images ('per_gpu', see per_gpu_mean)."""
+    if C.loss_scope == "per_gpu":
+        return per_gpu_mean(fn, C.gpu_batch, *inputs)
+    return fn(*inputs)
+
+
+def supervised_loss(C: EasyDict, logits: torch.Tensor, target: torch.Tensor, world_size: int) -> torch.Tensor:
+    """CE (OHEM CE on Cityscapes, keeping at least ohem_min_kept pixels per image of the batch it sees) on
+    labeled pixels.
+
+    loss_scope='per_gpu': the mean over the published per-GPU groups of each group's CE (its mean over the
+    group's valid pixels; OHEM with min_kept for the group), as published. 'global': plain CE is normalised by
+    the valid-pixel count of the whole global batch (per process: that count divided by the number of
+    processes), so 1 and N processes optimise the same loss; OHEM sees the process's batch."""
+    def labeled(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ohem_ce(s, y, C.ohem_thresh, C.ohem_min_kept * y.shape[0]) if C.ohem else ce_loss(s, y)
+    if C.loss_scope == "per_gpu" or C.ohem:
+        return scoped(C, labeled, logits, target)
     denominator = all_reduce_sum(count_valid([target])) / world_size
     return ce_loss(logits, target, denominator=denominator)
 
@@ -79,21 +109,31 @@ def cps_step(pair: nn.Module, batch: Dict[str, torch.Tensor], C: EasyDict, devic
     """Cross pseudo supervision with CutMix: each branch learns the other's pseudo-label of the mixed image.
 
     pair(x) returns the logits of both branches. The pseudo-labels come from the branches' predictions
-    on u0 and u1, CutMix-combined (combine_cutmix), without gradient."""
+    on u0 and u1, CutMix-combined (combine_cutmix), without gradient. network_calls='separate' calls the
+    pair on u0, u1, u_m and x_l in turn, as published (BatchNorm statistics per call); 'joint' on u0+u1,
+    then on x_l+u_m."""
     x_l, y_l, u0, u1, mask = batch["x_l"], batch["y_l"], batch["u0"], batch["u1"], batch["mask"]
     n_l, n_u = x_l.shape[0], u0.shape[0]
+    u_m = mix(u0, u1, mask)
+    separate = C.network_calls == "separate"
     with torch.no_grad(), autocast(device, C.amp):
-        t_a, t_b = pair(torch.cat([u0, u1]))
-    pseudo_a = combine_cutmix(*t_a.float().split(n_u), mask)
-    pseudo_b = combine_cutmix(*t_b.float().split(n_u), mask)
+        if separate:
+            (a0, b0), (a1, b1) = pair(u0), pair(u1)
+        else:
+            (a0, a1), (b0, b1) = (t.split(n_u) for t in pair(torch.cat([u0, u1])))
+    pseudo_a = combine_cutmix(a0.float(), a1.float(), mask)
+    pseudo_b = combine_cutmix(b0.float(), b1.float(), mask)
     with autocast(device, C.amp):
-        logits_a, logits_b = pair(torch.cat([x_l, mix(u0, u1, mask)]))
-    sup_a, mix_a = logits_a.split([n_l, n_u])
-    sup_b, mix_b = logits_b.split([n_l, n_u])
+        if separate:
+            mix_a, mix_b = pair(u_m)
+            sup_a, sup_b = pair(x_l)
+        else:
+            (sup_a, mix_a), (sup_b, mix_b) = (t.split([n_l, n_u]) for t in pair(torch.cat([x_l, u_m])))
     terms = {"sup": C.sup_weight * (supervised_loss(C, sup_a, y_l, world_size)
                                     + supervised_loss(C, sup_b, y_l, world_size))}
     if C.cps_weight > 0:
-        terms["cps"] = C.cps_weight * (pseudo_label_ce(mix_a, pseudo_b) + pseudo_label_ce(mix_b, pseudo_a))
+        terms["cps"] = C.cps_weight * (scoped(C, pseudo_label_ce, mix_a, pseudo_b)
+                                       + scoped(C, pseudo_label_ce, mix_b, pseudo_a))
     return _finish(terms)
 
 
@@ -195,20 +235,40 @@ def teacher_predict(teacher: nn.Module, x: torch.Tensor, amp: str, with_decoder:
     return out.float(), None
 
 
+def teacher_views(teacher: nn.Module, views: Dict[str, torch.Tensor], C: EasyDict, with_decoder: bool
+                  ) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
+    """A frozen teacher's fp32 logits (and decoder features) on each named input: one call per input
+    (C.network_calls='separate', as published) or one call on their concatenation ('joint')."""
+    if C.network_calls == "separate":
+        outs = {k: teacher_predict(teacher, v, C.amp, with_decoder, C.channels_last) for k, v in views.items()}
+        return {k: o[0] for k, o in outs.items()}, ({k: o[1] for k, o in outs.items()} if with_decoder else None)
+    sizes = [v.shape[0] for v in views.values()]
+    logits, feat = teacher_predict(teacher, torch.cat(list(views.values())), C.amp, with_decoder, C.channels_last)
+    return (dict(zip(views, logits.split(sizes))),
+            dict(zip(views, feat.split(sizes))) if feat is not None else None)
+
+
 def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str, torch.Tensor], C: EasyDict,
              device: torch.device, world_size: int = 1) -> Tuple[torch.Tensor, Terms]:
     """Multi-granularity distillation from a deep teacher T_D and a wide teacher T_W (both frozen).
 
-    Online teachers (C.teacher_labels='online') see u0, u1, the mixed image u_m and x_l in one call each.
-    Offline teachers ('offline') see u_m only, and only for the image- and region-level terms: their
-    pseudo-labels of u0, u1 and x_l come with the batch ('<role>_u0', '<role>_u1', '<role>_l', made once per
-    image by furnace.teacher_labels). The student sees x_l and u_m in one call. Only what carries a gradient
-    to the student is computed (no reverse terms, no student pass on u0 and u1)."""
+    Online teachers (C.teacher_labels='online') see u0, u1, the mixed image u_m and x_l. Offline teachers
+    ('offline') see u_m only, and only for the image- and region-level terms: their pseudo-labels of u0, u1
+    and x_l come with the batch ('<role>_u0', '<role>_u1', '<role>_l', made once per image by
+    furnace.teacher_labels).
+
+    network_calls='separate' (published): every network is called on each input on its own, the student on
+    u0 and u1 (without gradient), u_m, then x_l. The published code uses the student's u0/u1 predictions only
+    for reverse terms (teacher vs student pseudo-label) that carry no gradient, so those terms are not
+    computed; the calls are kept because in train mode they update the student's BatchNorm running
+    statistics, which evaluation uses. 'joint': the student sees x_l and u_m in one call, each teacher all
+    its inputs in one call."""
     x_l, y_l, u0, u1, mask = batch["x_l"], batch["y_l"], batch["u0"], batch["u1"], batch["mask"]
     n_l, n_u = x_l.shape[0], u0.shape[0]
     u_m = mix(u0, u1, mask)
     need_labeled = C.pixel_labeled_weight > 0
     offline = C.teacher_labels == "offline"
+    separate = C.network_calls == "separate"
     if offline and "deep_u0" not in batch:
         raise ValueError("teacher_labels='offline' but the batch has no teacher pseudo-labels "
                          "(the datasets need furnace.teacher_labels.attach)")
@@ -218,16 +278,11 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
     else:
         views = {"u0": u0, "u1": u1, "u_m": u_m, **({"x_l": x_l} if need_labeled else {})}
         needed = {"deep": True, "wide": True}
-    teacher_in = torch.cat(list(views.values()))
-    sizes = [v.shape[0] for v in views.values()]
     logits, wide_feat = {}, None
     for role in ("deep", "wide"):
         if needed[role]:
-            t_logits, feat = teacher_predict(teachers[role], teacher_in, C.amp,
-                                             role == "wide" and C.region_weight > 0, C.channels_last)
-            logits[role] = dict(zip(views, t_logits.split(sizes)))
-            if feat is not None:
-                wide_feat = dict(zip(views, feat.split(sizes)))
+            logits[role], feat = teacher_views(teachers[role], views, C, role == "wide" and C.region_weight > 0)
+            wide_feat = feat if feat is not None else wide_feat
     if offline:  # integer pseudo-labels, 255 where the crop is padding
         pseudo = {role: {"u0": batch[f"{role}_u0"], "u1": batch[f"{role}_u1"], "x_l": batch.get(f"{role}_l")}
                   for role in ("deep", "wide")}
@@ -235,23 +290,29 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
         pseudo = logits
 
     with autocast(device, C.amp):
-        out = student(torch.cat([x_l, u_m]), return_features=True)
-    s_l, s_m = out["logits"].float().split([n_l, n_u])
+        if separate:
+            with torch.no_grad():
+                student(u0), student(u1)
+            out_m = student(u_m, return_features=True)
+            s_l, s_m, f_m = student(x_l).float(), out_m["logits"].float(), out_m["decoder"]
+        else:
+            out = student(torch.cat([x_l, u_m]), return_features=True)
+            (s_l, s_m), f_m = out["logits"].float().split([n_l, n_u]), out["decoder"][n_l:]
 
     deep, wide = pseudo["deep"], pseudo["wide"]
     terms = {"sup": C.sup_weight * supervised_loss(C, s_l, y_l, world_size)}
     if C.pixel_unlabeled_weight > 0:
-        terms["pix_u"] = C.pixel_unlabeled_weight * (pseudo_label_ce(s_m, (deep["u0"], deep["u1"]), mask)
-                                                     + pseudo_label_ce(s_m, (wide["u0"], wide["u1"]), mask))
+        terms["pix_u"] = C.pixel_unlabeled_weight * (scoped(C, pseudo_label_ce, s_m, (deep["u0"], deep["u1"]), mask)
+                                                     + scoped(C, pseudo_label_ce, s_m, (wide["u0"], wide["u1"]), mask))
     if need_labeled:
-        terms["pix_l"] = C.pixel_labeled_weight * (pseudo_label_ce(s_l, deep["x_l"])
-                                                   + pseudo_label_ce(s_l, wide["x_l"]))
+        terms["pix_l"] = C.pixel_labeled_weight * (scoped(C, pseudo_label_ce, s_l, deep["x_l"])
+                                                   + scoped(C, pseudo_label_ce, s_l, wide["x_l"]))
     if C.semantic_weight > 0:
-        # lambda_1 was tuned for a sum over `semantic_batch` images per GPU: use the per-image mean times
-        # that count, so the term does not change with batch size or process count.
+        # lambda_1 is published for a sum over the gpu_batch images of a GPU, averaged over GPUs: that is
+        # gpu_batch x the per-image mean, in either loss scope, whatever the batch size or process count.
         per_image = semantic_sensitive_loss(s_m, logits["deep"]["u_m"]) / n_u
-        terms["semantic"] = C.semantic_weight * C.semantic_batch * per_image
+        terms["semantic"] = C.semantic_weight * C.gpu_batch * per_image
     if C.region_weight > 0:
-        terms["region"] = C.region_weight * content_aware_loss(out["decoder"][n_l:], wide_feat["u_m"],
-                                                               C.region_grid)
+        terms["region"] = C.region_weight * scoped(C, lambda fs, ft: content_aware_loss(fs, ft, C.region_grid),
+                                                   f_m, wide_feat["u_m"])
     return _finish(terms)

@@ -104,19 +104,65 @@ def test_output_stride_32_and_bad_settings():
         create_backbone("resnet18", stem_width=32)  # width only exists for the deep stem
 
 
+def published_dilate(stage: torch.nn.Module, dilation: int, multi_grid: bool) -> None:
+    """The published networks' dilation of a stage, written from its description: in each block, a stride-2
+    conv loses its stride, and every 3x3 conv gets the block's dilation (and padding); the block's dilation
+    doubles per block with multi_grid."""
+    for block in stage.children():
+        for m in block.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.stride = (1, 1)
+                if m.kernel_size == (3, 3):
+                    m.dilation = m.padding = (dilation, dilation)
+        dilation *= 2 if multi_grid else 1
+
+
+def stage_dilations(stage):
+    """Per block: (stride, dilation, padding) of each conv in order of definition."""
+    return [[(m.stride[0], m.dilation[0], m.padding[0]) for m in blk.modules() if isinstance(m, torch.nn.Conv2d)]
+            for blk in stage]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet101", "wide_resnet50_2"])
+def test_dilation_of_every_conv(name):
+    """OS16: every 3x3 conv of layer4's blocks has dilation 2, 4, 8 (the first block's conv that lost its stride
+    included), padding equal to it, stride 1; 1x1 convs (downsample too) stride 1, dilation 1.
+    OS8: the same in layer3 with dilation 2 throughout, and layer4 with 4, 8, 16."""
+    for os_, stages in ((16, {"layer4": (2, True)}), (8, {"layer3": (2, False), "layer4": (4, True)})):
+        net = create_backbone(name, os_)
+        for stage_name, (first, grid) in stages.items():
+            for i, convs in enumerate(stage_dilations(getattr(net, stage_name))):
+                d = first * 2 ** i if grid else first
+                assert convs == [(1, d, d) if k == 3 else (1, 1, 0)
+                                 for k in [m.kernel_size[0] for m in getattr(net, stage_name)[i].modules()
+                                           if isinstance(m, torch.nn.Conv2d)]], (name, os_, stage_name, i)
+        if os_ == 16:  # layer3 stays undilated, with its stride
+            assert all(c[1] == 1 for blk in stage_dilations(net.layer3) for c in blk)
+            assert net.layer3[0].downsample[0].stride == (2, 2)
+
+
+@pytest.mark.parametrize("name,deep_stem,stem_width", [("resnet18", True, 32), ("resnet101", True, 64),
+                                                       ("wide_resnet50_2", False, 64)])
+def test_dilated_network_equals_published_procedure(name, deep_stem, stem_width):
+    """Same weights, same outputs: our OS16 backbone against an OS32 one dilated the published way."""
+    torch.manual_seed(0)
+    ours = create_backbone(name, 16, deep_stem, stem_width).eval()
+    published = create_backbone(name, 32, deep_stem, stem_width)
+    published.load_state_dict(ours.state_dict())
+    published_dilate(published.layer4, 2, multi_grid=True)
+    published.eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        for a, b in zip(ours(x), published(x)):
+            assert torch.equal(a, b)
+
+
 def test_dilation_scheme():
-    """OS16: layer4 multi-grid 2, 4, 8 (stride-removed conv keeps 1); OS8: layer3 dilation 2, layer4 4, 8, 16."""
     r50 = backbone("resnet50", 16)
-    assert [blk.conv2.dilation[0] for blk in r50.layer4] == [1, 4, 8]
+    assert [blk.conv2.dilation[0] for blk in r50.layer4] == [2, 4, 8]
     assert [blk.conv2.stride[0] for blk in r50.layer4] == [1, 1, 1]
     assert r50.layer4[0].downsample[0].stride == (1, 1) and r50.layer3[0].downsample[0].stride == (2, 2)
     assert [blk.conv2.dilation[0] for blk in r50.layer3] == [1] * 6
-    r18 = backbone("resnet18", 16)
-    assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in r18.layer4] == [(1, 2), (4, 4)]
-    assert r18.layer4[1].conv1.padding == (4, 4)
-    r18_8 = backbone("resnet18", 8)
-    assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in r18_8.layer3] == [(1, 2), (2, 2)]
-    assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in r18_8.layer4] == [(2, 4), (8, 8)]
     mb = backbone("mobilenet_v2", 16)
     assert [mb.features[i].conv[1][0].dilation[0] for i in (13, 14, 15, 17)] == [1, 1, 2, 2]
     assert mb.features[14].conv[1][0].stride == (1, 1)
@@ -249,7 +295,7 @@ def test_timm_mobilenet_conversion(tmp_path):
     torch.save({"state_dict": timm_sd}, tmp_path / "mobilenetv2_100.pth")
     dst = create_backbone("mobilenet_v2")
     result = load_pretrained(dst, tmp_path / "mobilenetv2_100.pth")
-    assert result == ([], [], [])
+    assert result[:3] == ([], [], [])
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(src(x)[-1], dst.eval()(x)[-1])
@@ -284,6 +330,55 @@ def test_mismatched_file_raises_and_partial_load(tmp_path):
     assert torch.equal(now["conv1.0.weight"], before["conv1.0.weight"])
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_pretrained(target, tmp_path / "nope.pth")
+
+
+def test_torchvision_resnet18_into_deep_stem_student_as_published(tmp_path):
+    """The published student start: torchvision's ResNet-18 file (7x7 stem, fc) into the deep-stem network.
+    bn1 and layer1-4 get the file's tensors, the three stem convs and their two BNs keep their initialisation,
+    and the result lists exactly those; with strict=True (the default) this load is accepted."""
+    torch.manual_seed(4)
+    src = randomise(create_backbone("resnet18"))
+    sd = {**src.state_dict(), **head_tensors("resnet18")}
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(sd, path)
+    torch.manual_seed(5)
+    init = create_backbone("resnet18", deep_stem=True, stem_width=32).state_dict()
+    torch.manual_seed(5)
+    student = build_segmentor("resnet18", 21, pretrained=str(path))
+    res = student.backbone.pretrained_load
+    stem = {f"conv1.{i}.{p}" for i in (1, 4) for p in BN[:4]} | {"conv1.0.weight", "conv1.3.weight", "conv1.6.weight"}
+    assert set(res.missing) == stem and res.unexpected == ["conv1.weight"] and res.mismatched == []
+    now = student.backbone.state_dict()
+    loaded = [k for k in src.state_dict() if k != "conv1.weight"]
+    assert res.loaded == len(loaded)
+    for k in loaded:
+        assert torch.equal(now[k], sd[k]), k
+    for k in stem:
+        assert torch.equal(now[k], init[k]), k
+    line = res.describe()
+    assert all(k in line for k in stem) and "conv1.weight" in line and f"{len(loaded)} tensors loaded" in line
+    # A wider mismatch than the stem is still refused.
+    del sd["layer4.1.bn2.running_var"]
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError, match="layer4.1.bn2.running_var"):
+        build_segmentor("resnet18", 21, pretrained=str(path))
+
+
+def test_full_deep_stem_file_loads_strictly(tmp_path):
+    torch.manual_seed(6)
+    src = randomise(create_backbone("resnet18", deep_stem=True, stem_width=32))
+    path = tmp_path / "resnet18_v1c.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+    student = build_segmentor("resnet18", 21, pretrained=str(path))
+    res = student.backbone.pretrained_load
+    assert (res.missing, res.unexpected, res.mismatched) == ([], [], []) and res.loaded == len(src.state_dict())
+    for k, v in src.state_dict().items():
+        assert torch.equal(student.backbone.state_dict()[k], v)
+    sd = src.state_dict()
+    del sd["conv1.4.weight"]
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError, match="conv1.4.weight"):
+        build_segmentor("resnet18", 21, pretrained=str(path))
 
 
 # ---------------------------------------------------------------- DeepLabv3+

@@ -562,11 +562,15 @@ def test_unknown_environment_override_is_refused(toy, tmp_path, monkeypatch):
     assert not (tmp_path / "train.log").exists()
 
 
-def test_batch_size_not_divisible_by_the_processes_is_refused(toy, tmp_path):
-    """torchrun with 2 processes and batch_size=3: both processes stop at once, naming the setting."""
+@pytest.mark.parametrize("changes,message", [
+    (dict(batch_size=3, gpu_batch=1), "batch_size=3 is not divisible by the 2 processes"),
+    (dict(batch_size=2), "groups of gpu_batch=2 images, and 2 processes hold 1 each")])
+def test_batch_size_not_divisible_by_the_processes_is_refused(toy, tmp_path, changes, message):
+    """torchrun with 2 processes and a batch they cannot share (or, with the published per-GPU losses, not in
+    whole published per-GPU groups): both processes stop at once, naming the setting."""
     result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(EXP / "train.py")]
-                            + overrides(toy, tmp_path, method="supervised", batch_size=3),
+                            + overrides(toy, tmp_path, method="supervised", **changes),
                             capture_output=True, text=True, timeout=120, env=clean_env(), cwd=str(ROOT))
     assert result.returncode != 0
-    assert "batch_size=3 is not divisible by the 2 processes" in result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
     assert not (tmp_path / "train.log").exists()  # refused before the log, the data or the networks

@@ -32,6 +32,9 @@ def config(toy, out, **changes):
     return resolve(exp_config(), collect_overrides([], overrides(toy, out, **changes), environ={}))
 
 
+FAST = dict(setting="fast")  # offline teachers are one of the fast setting's choices
+
+
 def dict_config(C, **changes):
     return EasyDict(dict(C, **changes))
 
@@ -80,7 +83,7 @@ def test_datasets_augment_teacher_maps_exactly_like_labels(toy, tmp_path):
 def test_offline_step_equals_online_step_given_the_online_pseudo_labels(toy, tmp_path, monkeypatch):
     """Same batch: offline mgd_step with the online teachers' argmax as its labels gives the same loss terms
     and student gradients as the online step, and its teachers see only the mixed images."""
-    C = config(toy, tmp_path, method="mgd")
+    C = config(toy, tmp_path, method="mgd", **FAST)
     torch.manual_seed(0)
     student = build_segmentor("mobilenet_v2", NUM_CLASSES).eval()  # eval: both steps see the same BN statistics
     teachers = {r: build_segmentor("mobilenet_v2", NUM_CLASSES).eval().requires_grad_(False) for r in ("deep", "wide")}
@@ -119,7 +122,7 @@ def test_offline_step_equals_online_step_given_the_online_pseudo_labels(toy, tmp
 def test_offline_run_stores_each_teachers_argmax_then_reuses_and_guards_it(toy, tmp_path, teacher_paths):
     deep, wide = teacher_paths
     args = dict(method="mgd", epochs=1, iters_per_epoch=2, teacher_deep=deep, teacher_wide=wide,
-                teacher_labels="offline", eval_crop_size=48)
+                teacher_labels="offline", eval_crop_size=48, **FAST)
     train_in_process(overrides(toy, tmp_path / "run", **args))
     root = tmp_path / "run" / "teacher_labels"
     manifest = json.loads((root / "manifest.json").read_text())
@@ -160,12 +163,13 @@ def test_offline_agreement_counts_only_labelled_pixels():
 
 
 def test_offline_with_train_mode_teacher_bn_is_refused(toy, tmp_path, teacher_paths):
-    with pytest.raises(ValueError, match=r"teacher_labels='offline' \(the default\) needs teacher_bn='eval'"):
+    with pytest.raises(ValueError, match=r"teacher_labels='offline' needs teacher_bn='eval'"):
         config(toy, tmp_path, method="mgd", teacher_labels="offline", teacher_bn="train")
     with pytest.raises(ValueError, match="set teacher_labels='online' for train-mode teachers"):
-        config(toy, tmp_path, method="mgd", teacher_bn="train")  # the default is offline: the error says what to do
-    assert config(toy, tmp_path, method="mgd", teacher_labels="online", teacher_bn="train").teacher_bn == "train"
-    assert config(toy, tmp_path, method="cps", teacher_bn="train").teacher_labels == "offline"  # no teachers: fine
+        config(toy, tmp_path, method="mgd", teacher_bn="train", **FAST)  # fast is offline: the error says what to do
+    published = config(toy, tmp_path, method="mgd")
+    assert (published.teacher_labels, published.teacher_bn) == ("online", "train")
+    assert config(toy, tmp_path, method="cps", teacher_bn="train", **FAST).teacher_labels == "offline"  # no teachers
     with pytest.raises(ValueError, match="teacher_labels='sometimes'"):
         config(toy, tmp_path, method="mgd", teacher_labels="sometimes")
 
@@ -174,13 +178,13 @@ def test_two_processes_share_the_precomputation_and_store_what_one_process_store
     """torchrun, 2 gloo processes: each predicts half of the images, both wait for all, then train."""
     deep, wide = teacher_paths
     args = overrides(toy, tmp_path / "two", method="mgd", batch_size=4, epochs=1, iters_per_epoch=1, teacher_deep=deep,
-                     teacher_wide=wide, teacher_labels="offline", eval_crop_size=48)
+                     teacher_wide=wide, teacher_labels="offline", eval_crop_size=48, **FAST)
     result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(EXP / "train.py"), *args],
                             capture_output=True, text=True, timeout=300, env=clean_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "two" / "snapshot" / "last.pth").is_file()
     C = config(toy, tmp_path / "one", method="mgd", teacher_deep=deep, teacher_wide=wide, teacher_labels="offline",
-               eval_crop_size=48)
+               eval_crop_size=48, **FAST)
     datasets = {s: build_dataset(C, s) for s in ("labeled", "unlabeled")}
     teachers = {}
     for role, path in (("deep", deep), ("wide", wide)):

@@ -111,3 +111,7 @@ def test_toy_benchmark_summary_and_teachers_check(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--teachers", str(tmp_path), "--out", str(tmp_path / "out")])
     assert "voc8.resnet101_deeplabv3plus/cps/snapshot/last.pth" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "mgd,mgd-fast,nope", "--out", str(tmp_path / "out")])
+    assert "no stage tagged nope" in capsys.readouterr().err
+    assert {"supervised", "mgd", "mgd-fast", "mgd-fast-pergpu"} <= {s.tag for s in bench.benchmark_stages()}

@@ -78,7 +78,10 @@ def test_mgd_gradients_reach_the_student_and_never_the_teachers(toy, cps_run, tm
     for role, t in teachers.items():
         assert all(p.grad is None for p in t.parameters()), role
         after = t.state_dict()
-        assert all(torch.equal(after[k], v) for k, v in teachers_before[role].items()), f"teacher {role} changed"
+        # Train-mode teachers (the published setting) update their BatchNorm running statistics, which they
+        # never use (batch statistics); their weights never change.
+        kept = [k for k, _ in t.named_parameters()] if t.training else list(after)
+        assert all(torch.equal(after[k], teachers_before[role][k]) for k in kept), f"teacher {role} changed"
     for name, p in student.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert not torch.equal(p.detach(), student_before[name]), f"student {name} not updated"

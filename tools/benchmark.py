@@ -31,7 +31,7 @@ does not depend on the weights; the argmax agreement of low-precision teachers d
   offline    the offline teachers' pseudo-labels (furnace.teacher_labels.precompute, as the trainer makes them)
              of the first --offline-images images of each training list, which every stream then draws from;
              their cost, and their agreement with the online teachers' argmax on the same augmented crops.
-  steps      ours (furnace.methods.mgd_step with the project's defaults: offline teachers), ours_online (the
+  steps      ours (furnace.methods.mgd_step in the fast setting: offline teachers), ours_online (the
              same with teacher_labels='online': teachers on every crop of every step) and published
              (published_mgd_step below), plus ours_fp32 (ours with fp32 student and teachers) when ours uses
              another precision, on batches from the real dataset readers (the training transform at the crop,
@@ -137,7 +137,7 @@ def published_mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch
         terms["pix_l"] = C.pixel_labeled_weight * (pseudo_label_ce(s_l, deep["x_l"])
                                                    + pseudo_label_ce(s_l, wide["x_l"]))
     if C.semantic_weight > 0:
-        terms["semantic"] = C.semantic_weight * C.semantic_batch * semantic_sensitive_loss(s_m, deep["u_m"]) / n_u
+        terms["semantic"] = C.semantic_weight * C.gpu_batch * semantic_sensitive_loss(s_m, deep["u_m"]) / n_u
     if C.region_weight > 0:
         terms["region"] = C.region_weight * content_aware_loss(f_student, wide["f_m"], C.region_grid)
     # Reverse terms (published): each teacher's prediction against the student's pseudo-labels. No gradient.
@@ -608,7 +608,7 @@ def make_config(args, data_root: str) -> EasyDict:
     values = dict(data_root=data_root, crop_size=args.crop, eval_crop_size=args.crop, batch_size=args.batch,
                   num_workers=args.num_workers, num_classes=args.num_classes, network=args.student,
                   teacher_deep_network=args.deep, teacher_wide_network=args.wide, partition=8, amp="off", channels_last=False,
-                  output_dir=tempfile.gettempdir(), seed=0)
+                  output_dir=tempfile.gettempdir(), seed=0, setting="fast")  # 'ours': the fast setting
     values["class_names"] = (VOC_CLASS_NAMES if args.num_classes == 21
                              else [f"class{i}" for i in range(args.num_classes)])
     return resolve(new_config("voc", __file__), [(k, repr(v), "tools/benchmark.py") for k, v in values.items()])

@@ -1,12 +1,12 @@
 """The toy comparison over several seeds, with the MobileNet-v2 student and an ablation of each MGD loss.
 
-    python tools/toy_benchmark.py --seeds 3 [--shared-teachers | --teachers runs/toy] [--out runs/toy_bench] [key=value ...]
+    python tools/toy_benchmark.py --seeds 3 [--shared-teachers | --teachers runs/toy] [--only TAGS] [--out runs/toy_bench] [key=value ...]
 
 Per seed (model initialisation, sampling and CutMix all follow `seed`): the two CPS teachers, then
-ResNet-18 supervised-only, with MGD (offline teachers, the default: pseudo-labels made once per image, kept in
-<teachers' folder>/teacher_labels and shared by every student and seed that shares the teachers) and with MGD
-from online teachers (teacher_labels=online, as published), MobileNet-v2 supervised-only and with MGD, then
-ResNet-18 MGD without each loss term.
+ResNet-18 supervised-only, with MGD in the published setting (the default) and in the fast setting (offline
+teachers: pseudo-labels made once per image, kept in <teachers' folder>/teacher_labels and shared by every
+student and seed that shares the teachers), the fast setting with each of its choices reverted in turn,
+MobileNet-v2 supervised-only and with MGD, then ResNet-18 MGD without each loss term. --only runs a subset.
 --shared-teachers trains the teachers once (first seed) and reuses them for every seed, which measures the
 students' spread only but costs a third of the time; --teachers DIR takes the finished teachers of an
 earlier run instead (e.g. runs/toy, the quickstart's), for every seed. Writes <out>/benchmark.md and
@@ -26,11 +26,19 @@ R18, MBV2 = "voc8.resnet18_deeplabv3plus", "voc8.mobilev2_deeplabv3plus"
 
 
 def benchmark_stages() -> List[Stage]:
-    """The main job's stages (teachers, ResNet-18 supervised and MGD), ResNet-18 MGD with online teachers,
-    then MobileNet-v2 and the ablations."""
+    """The main job's stages (teachers, ResNet-18 supervised and MGD in the published setting), ResNet-18 MGD
+    in the fast setting and with each of its choices reverted to the published one, then MobileNet-v2 and
+    the ablations."""
+    fast = ["setting=fast"]
     return [
         *main_stages(),
-        Stage("ResNet-18 MGD, online teachers", R18, "mgd-online", ["teacher_labels=online"]),
+        Stage("ResNet-18 MGD, fast setting", R18, "mgd-fast", fast),
+        Stage("fast, online teachers", R18, "mgd-fast-online", fast + ["teacher_labels=online"]),
+        Stage("fast, online train-mode teachers", R18, "mgd-fast-online-trainbn",
+              fast + ["teacher_labels=online", "teacher_bn=train"]),
+        Stage("fast, separate network calls", R18, "mgd-fast-separate", fast + ["network_calls=separate"]),
+        Stage("fast, toggled CutMix boxes", R18, "mgd-fast-toggle", fast + ["cutmix_overlap=toggle"]),
+        Stage("fast, per-GPU losses", R18, "mgd-fast-pergpu", fast + ["loss_scope=per_gpu"]),
         Stage("MobileNet-v2 supervised", MBV2, "supervised", ["method=supervised"]),
         Stage("MobileNet-v2 MGD", MBV2, "mgd"),
         Stage("ResNet-18 MGD w/o pixel-level", R18, "mgd-no-pixel",
@@ -71,8 +79,18 @@ def main(argv=None) -> None:
                         "(<DIR>/<experiment>/cps/snapshot/last.pth, e.g. runs/toy)")
     parser.add_argument("--out", default=osp.join(REPO_ROOT, "runs", "toy_bench"))
     parser.add_argument("--img", default=osp.join(REPO_ROOT, "img"))
+    parser.add_argument("--only", help="comma-separated output tags of the student stages to run (e.g. "
+                        "'supervised,mgd,mgd-fast'); the teachers always run. Default: all")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every stage")
     args = parser.parse_args(argv)
+    stages = benchmark_stages()
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = set(wanted) - {s.tag for s in stages}
+        if unknown:
+            parser.error(f"--only: no stage tagged {', '.join(sorted(unknown))}; tags: "
+                         f"{', '.join(s.tag for s in stages if s.role != 'teacher')}")
+        stages = [s for s in stages if s.role == "teacher" or (s.tag in wanted)]
     seeds = list(range(args.seeds))
     if args.teachers:
         args.teachers = osp.abspath(args.teachers)
@@ -88,7 +106,7 @@ def main(argv=None) -> None:
         out = osp.join(args.out, f"seed{seed}")
         teacher_out = args.teachers or (osp.join(args.out, f"seed{seeds[0]}") if args.shared_teachers else out)
         records = []
-        for stage in benchmark_stages():
+        for stage in stages:
             root = teacher_out if stage.role == "teacher" else out
             # students read the teachers from teacher_out, whatever their own output folder
             extra = [f"seed={seed}", *args.overrides, *teacher_overrides(teacher_out),

@@ -13,7 +13,8 @@ C.teacher_deep = "{root}/exp.city/city8.resnet101_deeplabv3plus/output/cps/snaps
 C.teacher_wide = "{root}/exp.city/city8.wresnet50_deeplabv3plus/output/cps/snapshot/last.pth"
 
 C.batch_size = 16
-C.lr = 0.02
+C.lr = 0.0025                   # as the ResNet-18 student (README, "Learning rate")
+C.weight_decay = 8e-4
 C.epochs = 137
 C.semantic_weight = 0.0005      # lambda_1
 C.region_weight = 50.0          # lambda_2

@@ -10,7 +10,8 @@ C.teacher_deep = "{root}/exp.voc/voc8.resnet101_deeplabv3plus/output/cps/snapsho
 C.teacher_wide = "{root}/exp.voc/voc8.wresnet50_deeplabv3plus/output/cps/snapshot/last.pth"
 
 C.batch_size = 8                # published: 2 per GPU on 4 GPUs
-C.lr = 0.0035 * 4               # published: 0.0035 per GPU
+C.lr = 0.0035                   # published: 0.0035 x 4 GPUs on a loss divided by 4 (README, "Learning rate")
+C.weight_decay = 4e-4           # published: 1e-4 at 0.0035 x 4
 C.epochs = 34
 C.semantic_weight = 0.0005      # lambda_1
 C.region_weight = 50.0          # lambda_2

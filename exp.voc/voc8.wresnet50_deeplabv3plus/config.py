@@ -9,5 +9,6 @@ C.method = "cps"
 C.cps_weight = 1.0
 
 C.batch_size = 8                # published: 2 per GPU on 4 GPUs
-C.lr = 0.001 * 4                # published: 0.001 per GPU
+C.lr = 0.001                    # published: 0.001 x 4 GPUs on a loss divided by 4 (README, "Learning rate")
+C.weight_decay = 4e-4           # published: 1e-4 at 0.001 x 4
 C.epochs = 34

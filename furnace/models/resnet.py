@@ -8,11 +8,13 @@ conv, BN, ReLU, conv, BN, ReLU, conv) and ``bn1`` for the third conv's BN.
 Output stride (OS) is reached by turning strides into dilations (DeepLab):
   OS32: plain ResNet, feature strides 4, 8, 16, 32.
   OS16: layer4 stride 2 -> 1; multi-grid dilation 2, 4, 8 for its blocks (block i: 2 * 2**i), as the published
-        MGD/CPS code does; the conv that lost its stride keeps the previous dilation (1). Strides 4, 8, 16, 16.
-  OS8:  layer3 stride -> 1 with dilation 2 in all its blocks (its first block's strided conv keeps dilation 1);
-        layer4 stride -> 1 with multi-grid 4, 8, 16 (first block's strided conv keeps 2). Strides 4, 8, 8, 8.
+        MGD/CPS code does. Every 3x3 conv of a block gets the block's dilation, including the first block's conv
+        that lost its stride (dilation 2, padding 2), as in the published networks (torchvision's
+        replace_stride_with_dilation keeps dilation 1 on that conv; the published code does not). Strides 4, 8, 16, 16.
+  OS8:  the same rule one stage earlier: layer3 stride -> 1 with dilation 2 in every 3x3 conv of every block;
+        layer4 stride -> 1 with multi-grid 4, 8, 16. Strides 4, 8, 8, 8.
         (Our choice: the published code only uses OS16; this continues its "double per block" rule.)
-The 1x1 downsample conv of a dilated stage has stride 1.
+The 1x1 downsample conv of a dilated stage only loses its stride.
 """
 from __future__ import annotations
 
@@ -30,18 +32,15 @@ def conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1, groups: int
 
 
 class BasicBlock(nn.Module):
-    """y = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); two 3x3 convs.
-
-    ``first_dilation`` is used by conv1 (the conv carrying the stride), ``dilation`` by conv2.
-    """
+    """y = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); two 3x3 convs, both with ``dilation``."""
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 dilation: int = 1, first_dilation: Optional[int] = None, base_width: int = 64):
+                 dilation: int = 1, base_width: int = 64):
         super().__init__()
         if base_width != 64:
             raise ValueError("BasicBlock only supports base_width=64 (wide nets use Bottleneck)")
-        self.conv1 = conv3x3(inplanes, planes, stride, first_dilation or dilation)
+        self.conv1 = conv3x3(inplanes, planes, stride, dilation)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes, dilation=dilation)
@@ -59,17 +58,17 @@ class Bottleneck(nn.Module):
     """y = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x)).
 
     1x1 reduce to ``width = planes * base_width / 64`` -> 3x3 (stride, dilation) -> 1x1 expand to 4 * planes
-    (torchvision v1.5: the stride sits on the 3x3 conv). ``first_dilation`` is used by the 3x3 conv.
+    (torchvision v1.5: the stride sits on the 3x3 conv, which also carries ``dilation``).
     """
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 dilation: int = 1, first_dilation: Optional[int] = None, base_width: int = 64):
+                 dilation: int = 1, base_width: int = 64):
         super().__init__()
         width = int(planes * base_width / 64)
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, first_dilation or dilation)
+        self.conv2 = conv3x3(width, width, stride, dilation)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -127,29 +126,25 @@ class ResNet(nn.Module):
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
         self.layer3 = self._make_layer(block, 256, layers[2], stride=1 if dilate3 else 2,
-                                       dilation=2 if dilate3 else 1, prev_dilation=1)
+                                       dilation=2 if dilate3 else 1)
         d3 = 2 if dilate3 else 1
         self.layer4 = self._make_layer(block, 512, layers[3], stride=1 if dilate4 else 2,
-                                       dilation=2 * d3 if dilate4 else 1, prev_dilation=d3,
-                                       multi_grid=multi_grid and dilate4)
+                                       dilation=2 * d3 if dilate4 else 1, multi_grid=multi_grid and dilate4)
         c = 64 * block.expansion
         self.feature_channels: List[int] = [c, 2 * c, 4 * c, 8 * c]
         self.feature_strides: List[int] = [4, 8, 8 if dilate3 else 16, output_stride]
         self._init_weights()
 
     def _make_layer(self, block: Block, planes: int, blocks: int, stride: int = 1, dilation: int = 1,
-                    prev_dilation: int = 1, multi_grid: bool = False) -> nn.Sequential:
-        """Stage of ``blocks`` blocks; block i uses dilation ``dilation * 2**i`` with multi_grid, else ``dilation``.
-
-        The first block's 3x3 conv (the one that would carry the stride in the undilated net) uses prev_dilation.
-        """
+                    multi_grid: bool = False) -> nn.Sequential:
+        """Stage of ``blocks`` blocks; every 3x3 conv of block i uses dilation ``dilation * 2**i`` with multi_grid,
+        else ``dilation`` (the first block's conv that would carry the stride in the undilated net included)."""
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
                                        nn.BatchNorm2d(planes * block.expansion))
         dils = [dilation * (2 ** i if multi_grid else 1) for i in range(blocks)]
-        first = prev_dilation if dilation > 1 else 1
-        mods = [block(self.inplanes, planes, stride, downsample, dils[0], first, self.base_width)]
+        mods = [block(self.inplanes, planes, stride, downsample, dils[0], base_width=self.base_width)]
         self.inplanes = planes * block.expansion
         mods += [block(self.inplanes, planes, dilation=d, base_width=self.base_width) for d in dils[1:]]
         return nn.Sequential(*mods)

@@ -27,7 +27,8 @@ def create_backbone(name: str, output_stride: int = 16, deep_stem: bool = False,
     """Build a backbone by name; forward(x) -> 4 feature maps, with .feature_channels / .feature_strides.
 
     name: one of BACKBONES. deep_stem / stem_width apply to ResNets only. pretrained: path to an ImageNet file
-    loaded with ``load_pretrained(model, pretrained, strict)``.
+    loaded with ``load_pretrained(model, pretrained, strict)``; its LoadResult is kept as ``.pretrained_load``
+    (None without a file), for the run's log.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
@@ -37,8 +38,7 @@ def create_backbone(name: str, output_stride: int = 16, deep_stem: bool = False,
         model = mobilenet_v2(output_stride=output_stride)
     else:
         model = BACKBONES[name](output_stride=output_stride, deep_stem=deep_stem, stem_width=stem_width)
-    if pretrained:
-        load_pretrained(model, pretrained, strict=strict)
+    model.pretrained_load = load_pretrained(model, pretrained, strict=strict) if pretrained else None
     return model
 
 
@@ -75,6 +75,23 @@ class LoadResult(NamedTuple):
     missing: List[str]
     unexpected: List[str]
     mismatched: List[str]  # "key: file shape -> model shape"
+    loaded: int = 0        # tensors copied from the file
+
+    def describe(self) -> str:
+        """One line for a run's log: what was loaded and what was not."""
+        parts = [f"{self.loaded} tensors loaded"]
+        if self.missing:
+            parts.append(f"not in the file, kept at initialisation ({len(self.missing)}): {', '.join(self.missing)}")
+        if self.unexpected:
+            parts.append(f"in the file, unused ({len(self.unexpected)}): {', '.join(self.unexpected)}")
+        if self.mismatched:
+            parts.append(f"shape mismatch, not loaded ({len(self.mismatched)}): {', '.join(self.mismatched)}")
+        return "; ".join(parts)
+
+
+def is_7x7_stem_into_deep_stem(model_keys, file_keys) -> bool:
+    """A torchvision-format ResNet file (one 7x7 `conv1`) for a deep-stem network (`conv1.0`, ...)."""
+    return "conv1.0.weight" in model_keys and "conv1.weight" in file_keys and "conv1.0.weight" not in file_keys
 
 
 def _read_state_dict(path: Union[str, os.PathLike, Mapping]) -> Dict[str, torch.Tensor]:
@@ -105,6 +122,10 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike, Mapping], st
     MobileNet-v2 names; ignores classifier keys (fc.*, classifier.*, features.18.*) the model lacks and missing
     BN ``num_batches_tracked`` counters. strict=True: any missing / unexpected / shape-mismatched key raises a
     RuntimeError listing them and the file. strict=False: loads the matching tensors and returns the lists.
+
+    One exception to strict, the published student's start: a torchvision-format ResNet file (7x7 stem) into a
+    deep-stem network loads everything but the stem, which keeps its initialisation (conv1.0/1/3/4/6 missing,
+    the file's conv1.weight unused, both listed in the result); the rest of that load is still strict.
     """
     sd = _read_state_dict(path)
     own = model.state_dict()
@@ -115,8 +136,12 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike, Mapping], st
     unexpected = [k for k in sd if k not in own]
     mismatched = [f"{k}: {tuple(v.shape)} -> {tuple(own[k].shape)}" for k, v in sd.items()
                   if k in own and v.shape != own[k].shape]
-    result = LoadResult(missing, unexpected, mismatched)
-    if strict and (missing or unexpected or mismatched):
+    good = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+    result = LoadResult(missing, unexpected, mismatched, len(good))
+    excused = set()
+    if is_7x7_stem_into_deep_stem(own, sd):
+        excused = {"conv1.weight"} | {k for k in missing if k.startswith("conv1.")}
+    if strict and (set(missing) - excused or set(unexpected) - excused or mismatched):
         def fmt(name: str, keys: List[str]) -> str:
             shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
             return f"\n  {name} ({len(keys)}): {shown}" if keys else ""
@@ -125,6 +150,5 @@ def load_pretrained(model: nn.Module, path: Union[str, os.PathLike, Mapping], st
                            + fmt("missing", missing) + fmt("unexpected", unexpected)
                            + fmt("shape mismatch (file -> model)", mismatched)
                            + "\n  (pass strict=False to load only the matching tensors)")
-    good = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(good, strict=False)
     return result
