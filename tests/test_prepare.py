@@ -746,3 +746,29 @@ def test_sbd_dataset_folder_accepted(voc_data, voc_out, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"SBD archive {wrong} has no benchmark_RELEASE/dataset/train.txt, benchmark_RELEASE/dataset/val.txt; " \
            "pass benchmark.tgz, the benchmark_RELEASE folder extracted from it, or its dataset folder" in err
+
+
+def test_toy_data_gets_seeded_partitions_and_says_so(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_toy_data", Path(__file__).resolve().parents[1] / "tools" /
+                                                  "make_toy_data.py")
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    log = []
+    toy.generate(tmp_path, seed=5, num_train=16, num_val=2, num_city_train=4, num_city_val=2, log=log.append)
+    assert any("(16 train, 2 val; seeded partitions, seed 5" in line for line in log)
+    voc = tmp_path / "pascal_voc" / "lists"
+    train = read_list(voc / "train_aug.txt")
+    for d in (16, 8, 4, 2):
+        assert (read_list(voc / f"labeled_1-{d}.txt"), read_list(voc / f"unlabeled_1-{d}.txt")) == partition(train, d, 5)
+
+
+def test_published_set_other_fractions(voc_out, tmp_path, capsys):
+    out = tmp_path / "pascal_voc"
+    shutil.copytree(voc_out, out)
+    pub = voc_published(tmp_path / "published")
+    s = prepare_voc.prepare_voc(None, None, out, expect_train=22, expect_val=3, published=pub, denominators=[3, 8])
+    assert s["partitions"][3][2] == "seed 0" and "train_aug_labeled_1-8.txt" in s["partitions"][8][2]
+    s = prepare_voc.prepare_voc(None, None, out, expect_train=22, expect_val=3, published=pub, denominators=[3])
+    assert "have no 1/3" in s["partition_note"] and s["partitions"][3][2] == "seed 0"
+    assert read_list(out / "lists/labeled_1-3.txt") == partition(TRAIN_AUG, 3, 0)[0]

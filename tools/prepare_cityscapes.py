@@ -16,6 +16,11 @@ Output (DATA/city), the official layout reduced to what training reads:
   lists/train.txt (2,975), lists/val.txt (500): names '{split}/{city}/{city}_{seq}_{frame}'
   lists/labeled_1-{16,8,4,2}.txt, lists/unlabeled_1-{16,8,4,2}.txt
 
+Partitions: when the training list is the published one (2,975 images, as a set), the published lists shipped
+in furnace/data/published_splits/cityscapes are installed, their '/images/train/CITY_SEQ_FRAME.png' lines
+mapped to the names above; otherwise, or with --partition-source seeded / --seed N, seeded ones are generated.
+--partition-dir DIR installs a folder of published lists of your own. The output says which.
+
 The test split, colour and instance images and polygons are not extracted. When --out is the folder the
 downloads were extracted into, the official files stay where they are and only the train-id PNGs are added.
 Re-running skips finished files, and skips the archives when the previous run finished intact.

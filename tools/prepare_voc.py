@@ -5,7 +5,8 @@
 
 Inputs (archives or their extracted folders):
   --voc  VOCtrainval_11-May-2012.tar  (VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation})
-  --sbd  benchmark.tgz                (benchmark_RELEASE/dataset/{img, cls, train.txt, val.txt})
+  --sbd  benchmark.tgz                (benchmark_RELEASE/dataset/{img, cls, train.txt, val.txt}); its extracted
+                                      benchmark_RELEASE folder or benchmark_RELEASE/dataset itself also work
 
 Output (DATA/pascal_voc):
   train_aug/image/NAME.jpg, train_aug/label/NAME.png   10,582 = (SBD train + SBD val + VOC train) - VOC val
@@ -15,6 +16,11 @@ Output (DATA/pascal_voc):
 Labels are single-channel PNGs of class indices (0..20, 255 = ignore). A train_aug image in VOC train keeps
 its VOC SegmentationClass label (with the 255 object borders); the others get the SBD `GTcls.Segmentation`
 label (no borders). Images are the VOC JPEG bytes, or SBD's where VOC lacks the image.
+
+Partitions: when train_aug is the published one (10,582 images, as a set), the published lists shipped in
+furnace/data/published_splits/voc are installed (protocol train_aug; --protocol pseudoseg for the PseudoSeg
+lists of VOC train); otherwise, or with --partition-source seeded / --seed N, seeded ones are generated.
+--partition-dir DIR installs a folder of published lists of your own. The output says which.
 
 Each archive is read in one forward pass (plus, for a compressed archive, a pass that stops at the split
 lists), and only the files above are written. Re-running skips finished files, and skips the archives

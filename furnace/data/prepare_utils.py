@@ -746,6 +746,11 @@ def resolve_partitions(train: Sequence[str], key_fn: Callable[[str], Optional[st
                         f"partitions: seeded (seed {seed}), since the training list ({len(train)} images) is not "
                         f"the published one ({train_path}, {len(published_train)} images); "
                         "--partition-source published installs the published lists anyway")
+    have = {d for d, kind in find_published(pub.folder, protocol, what="published lists") if kind == "labeled"}
+    if not have & set(denominators) and choice.source == "auto" and choice.protocol is None:
+        return Resolved(make_partitions(train, key_fn, denominators, seed),
+                        f"partitions: seeded (seed {seed}), since the published lists ({pub.folder}) have no 1/"
+                        + ", 1/".join(map(str, denominators)))
     parts = make_partitions(train, key_fn, denominators, seed, pub.folder, protocol, what="published lists")
     why = ("the training list is the published one" if same else
            f"as asked, though the training list ({len(train)} images) is not the published one "
