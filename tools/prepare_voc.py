@@ -123,8 +123,10 @@ def _decode_voc_png(data: bytes, where: str) -> np.ndarray:
 
 
 def name_key(token: str) -> str:
-    """VOC image name of a list token: '2007_000032', 'JPEGImages/2007_000032.jpg', ..."""
-    return Path(token).stem
+    """VOC image name of a list token: '2007_000032', 'JPEGImages/2007_000032.jpg', ... (Path.stem, faster)."""
+    base = token.rsplit("/", 1)[-1]
+    stem, dot, ext = base.rpartition(".")
+    return stem if dot and stem and ext else base
 
 
 def prepare_voc(voc, sbd, out="DATA/pascal_voc", partition_dir: Optional[Path] = None, seed: Optional[int] = None,
