@@ -10,7 +10,9 @@ The dataset tools only decide *which* archive member goes *where*; this module d
 - a manifest (`.prepared.json` in the output folder) recording every output file with its size and the
   per-image class histograms; a re-run whose manifest still matches the disk skips the archives entirely.
 - `TaskPool`: label decoding/encoding in a few threads while the main thread streams the archive.
-- partitions (seeded, or published lists used as is), their class-frequency balance, and the count check.
+- partitions: the published lists shipped in published_splits/ when the training list is the published one,
+  seeded ones otherwise or on request, or a user's folder of published lists (one protocol of several by
+  name); their class-frequency balance, and the count check.
 """
 from __future__ import annotations
 
