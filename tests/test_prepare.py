@@ -1,4 +1,5 @@
 """tools/prepare_voc.py and tools/prepare_cityscapes.py on miniature archives in the official formats."""
+import gzip
 import io
 import json
 import os
@@ -14,7 +15,9 @@ import scipy.io
 import scipy.sparse
 from PIL import Image
 
-from furnace.data.prepare_utils import PrepareError, find_published
+from furnace.data.prepare_utils import (PartitionChoice, PrepareError, PublishedLists, find_published,
+                                        is_published_set, list_tokens, published_protocols,
+                                        resolve_partitions, shipped_published)
 from furnace.data.splits import partition, read_list
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -484,3 +487,288 @@ def test_cityscapes_name_key():
     assert k("train/aachen/aachen_000000_000019") == "aachen_000000_000019"
     assert k("aachen_000000_000019_gtFine_labelTrainIds.png") == "aachen_000000_000019"
     assert k("nonsense.png") is None
+
+
+# ------------------------------------------------------------------- published partitions shipped with us
+SHIPPED = Path(__file__).resolve().parents[1] / "furnace" / "data" / "published_splits"
+SHARED_SPLITS = Path(__file__).resolve().parents[1].parent / "shared" / "splits"  # ../shared beside the clone
+DATASET_KEY = {"voc": prepare_voc.name_key, "cityscapes": prepare_cityscapes.name_key}
+
+
+def keys_of(path, key_fn):
+    keys = [key_fn(t) for t in list_tokens(path)]
+    assert None not in keys and len(set(keys)) == len(keys), path
+    return set(keys)
+
+
+@pytest.mark.skipif(not SHARED_SPLITS.is_dir(), reason=f"no published lists at {SHARED_SPLITS}")
+@pytest.mark.parametrize("ds", ["voc", "cityscapes"])
+def test_shipped_partitions_equal_the_published_ones(ds):
+    key_fn, ship, shared = DATASET_KEY[ds], SHIPPED / ds, SHARED_SPLITS / ds
+    # every partition list of every protocol is shipped, and nothing else is taken for one
+    assert {p: set(g) for p, g in published_protocols(ship).items()} == \
+        {p: set(g) for p, g in published_protocols(shared).items()}
+    files = sorted(p.name for p in ship.glob("*.txt"))
+    protocol_lists = {"voc": ["train.txt", "train_aug.txt", "val.txt"], "cityscapes": ["train.txt", "val.txt"]}[ds]
+    assert set(protocol_lists) <= set(files)
+    for name in files:
+        assert keys_of(ship / name, key_fn) == keys_of(shared / name, key_fn), name
+        assert (ship / name).read_bytes() == (shared / name).read_bytes(), name  # shipped unchanged
+    assert (SHIPPED / "SOURCE.md").is_file()
+    # the partitions as the preparer installs them for the published training list (Cityscapes names mapped)
+    pub = shipped_published("pascal_voc" if ds == "voc" else "cityscapes")
+    if ds == "voc":
+        train = list_tokens(ship / "train_aug.txt")
+    else:
+        train = [f"train/{k.split('_')[0]}/{k}" for k in map(key_fn, list_tokens(ship / "train.txt"))]
+    want = {"voc": {16: 662, 8: 1323, 4: 2646, 2: 5291}, "cityscapes": {16: 186, 8: 372, 4: 744, 2: 1488}}[ds]
+    for protocol in (["train_aug", "pseudoseg"] if ds == "voc" else ["train_aug"]):
+        r = resolve_partitions(train, key_fn, (16, 8, 4, 2), PartitionChoice(protocol=protocol, published=pub))
+        for p in r.parts:
+            for kind, names in (("labeled", p.labeled), ("unlabeled", p.unlabeled)):
+                f = shared / f"{protocol}_{kind}_1-{p.denominator}.txt"
+                assert {key_fn(n) for n in names} == keys_of(f, key_fn), f
+                assert set(names) <= set(train)
+            if protocol == "train_aug":
+                assert len(p.labeled) == want[p.denominator]
+                assert sorted(p.labeled + p.unlabeled) == sorted(train)
+    if ds == "cityscapes":
+        assert r.parts[0].labeled[0] == "train/jena/jena_000078_000019"
+        assert prepare_cityscapes.image_path(Path("o"), r.parts[0].labeled[0]).as_posix() == \
+            "o/leftImg8bit/train/jena/jena_000078_000019_leftImg8bit.png"
+
+
+def test_is_published_set():
+    voc = ["2007_000032", "2007_000039"]
+    assert is_published_set(voc, ["2007_000039", "2007_000032"], prepare_voc.name_key)
+    assert not is_published_set(voc[:1], voc, prepare_voc.name_key)
+    assert not is_published_set(voc + ["2008_000001"], voc, prepare_voc.name_key)
+    ck = prepare_cityscapes.name_key
+    ours = ["train/jena/jena_000078_000019", "train/ulm/ulm_000001_000019"]
+    theirs = ["/images/train/ulm_000001_000019.png", "/images/train/jena_000078_000019.png"]
+    assert is_published_set(ours, theirs, ck) and not is_published_set(ours[:1], theirs, ck)
+
+
+def write_published(folder: Path, files: dict) -> Path:
+    """A folder of published lists {file name: [line, ...]}, written with CRLF as the published ones are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, lines in files.items():
+        (folder / name).write_bytes("\r\n".join(lines).encode())
+    return folder
+
+
+def voc_published(folder: Path, train=TRAIN_AUG) -> PublishedLists:
+    rng = np.random.default_rng(7)
+    files = {"train_aug.txt": list(rng.permutation(train)), "val.txt": VOC_VAL}
+    for d in (16, 8, 4, 2):
+        order = list(rng.permutation(TRAIN_AUG))
+        k = max(1, len(TRAIN_AUG) // d)
+        files[f"train_aug_labeled_1-{d}.txt"], files[f"train_aug_unlabeled_1-{d}.txt"] = order[:k], order[k:]
+        files[f"pseudoseg_labeled_1-{d}.txt"] = VOC_TRAIN[: 1 + 4 // d]
+        files[f"pseudoseg_unlabeled_1-{d}.txt"] = VOC_TRAIN[4 // d:]  # shares one image, as published
+    write_published(folder, files)
+    return PublishedLists(folder, "train_aug.txt")
+
+
+def lists_of(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((out / "lists").glob("*.txt"))}
+
+
+def test_voc_published_partitions_installed(voc_out, tmp_path, capsys):
+    out = tmp_path / "pascal_voc"
+    shutil.copytree(voc_out, out)
+    pub = voc_published(tmp_path / "published")
+    kw = dict(expect_train=22, expect_val=3, published=pub)
+    s = prepare_voc.prepare_voc(None, None, out, **kw)  # the training list is the published one
+    text = capsys.readouterr().out
+    assert f"partitions: the published train_aug lists shipped in {pub.folder} (the training list is the " \
+           "published one)" in text
+    for d in (16, 8, 4, 2):
+        for kind in ("labeled", "unlabeled"):
+            assert read_list(out / f"lists/{kind}_1-{d}.txt") == read_list(pub.folder / f"train_aug_{kind}_1-{d}.txt")
+        assert "train_aug_labeled_1-%d.txt" % d in s["partitions"][d][2]
+    # another published protocol, by name; its shared image is kept and reported
+    s = prepare_voc.prepare_voc(None, None, out, protocol="pseudoseg", **kw)
+    text = capsys.readouterr().out
+    assert read_list(out / "lists/labeled_1-8.txt") == VOC_TRAIN[:1]
+    assert read_list(out / "lists/unlabeled_1-8.txt") == VOC_TRAIN
+    assert read_list(out / "lists/labeled_1-2.txt") == VOC_TRAIN[:3]
+    assert read_list(out / "lists/unlabeled_1-2.txt") == VOC_TRAIN[2:]
+    assert f"1 image(s) in both lists, kept as published: {VOC_TRAIN[2]}" in text
+    # seeded on request
+    for kw2 in (dict(partition_source="seeded", seed=3), dict(seed=3)):
+        s = prepare_voc.prepare_voc(None, None, out, **kw, **kw2)
+        assert "partitions: seeded (seed 3), as asked" in capsys.readouterr().out
+        for d in (16, 8, 4, 2):
+            assert (read_list(out / f"lists/labeled_1-{d}.txt"), read_list(out / f"lists/unlabeled_1-{d}.txt")) == \
+                partition(TRAIN_AUG, d, 3)
+    # a training list that is not the published one gets seeded partitions, and says why
+    pub2 = voc_published(tmp_path / "published2", train=TRAIN_AUG[1:])
+    prepare_voc.prepare_voc(None, None, out, expect_train=22, expect_val=3, published=pub2)
+    text = capsys.readouterr().out
+    assert "partitions: seeded (seed 0), since the training list (22 images) is not the published one " \
+           f"({pub2.folder / 'train_aug.txt'}, 21 images)" in text
+    assert "partition 1/4: 5 labeled, 17 unlabeled (seed 0)" in text
+    assert read_list(out / "lists/labeled_1-4.txt") == partition(TRAIN_AUG, 4, 0)[0]
+
+
+def test_voc_default_is_seeded_for_other_sets(voc_data, voc_out, capsys):
+    # the shipped lists are the default; the miniature set is not the published one
+    s = prepare_voc.prepare_voc(voc_data["voc_tar"], voc_data["sbd_tgz"], voc_out, expect_train=22, expect_val=3)
+    text = capsys.readouterr().out
+    assert "partitions: seeded (seed 0), since the training list (22 images) is not the published one " \
+           f"({SHIPPED / 'voc' / 'train_aug.txt'}, 10582 images)" in text
+    assert all(s["partitions"][d][2] == "seed 0" for d in (16, 8, 4, 2))
+    # asking for the published lists: the first image they name that the set lacks is the error
+    with pytest.raises(PrepareError, match=r"train_aug_labeled_1-16.txt line 1: '2007_000032' is not an image "
+                                           "of the training list"):
+        prepare_voc.prepare_voc(None, None, voc_out, expect_train=22, expect_val=3, partition_source="published")
+
+
+def test_published_list_error_before_any_file_is_written(voc_data, voc_out, city_data, tmp_path, capsys):
+    pub = voc_published(tmp_path / "published")
+    bad = pub.folder / "train_aug_unlabeled_1-4.txt"
+    bad.write_bytes(bad.read_bytes() + b"\r\n2011_009999")
+    # an archive run: refused after reading the split lists, before any image is written
+    out = tmp_path / "new"
+    with pytest.raises(PrepareError) as err:
+        prepare_voc.prepare_voc(voc_data["voc_tar"], voc_data["sbd_tgz"], out, expect_train=22, expect_val=3,
+                                published=pub, partition_source="published")
+    assert f"{bad} line 18: '2011_009999' is not an image of the training list" in str(err.value)
+    assert not out.exists()
+    # a finished set: the lists are left as they were
+    done = tmp_path / "done"
+    shutil.copytree(voc_out, done)
+    before = lists_of(done)
+    with pytest.raises(PrepareError, match="2011_009999"):
+        prepare_voc.prepare_voc(None, None, done, expect_train=22, expect_val=3, published=pub,
+                                partition_source="published")
+    assert lists_of(done) == before
+    # Cityscapes from a zip: checked before any file is written too
+    city_pub = write_published(tmp_path / "city_pub", {
+        "train.txt": [f"/images/train/{Path(n).name}.png\t/segmentation/train/{Path(n).name}_gtFine.png"
+                      for n in CITY_TRAIN],
+        "train_aug_labeled_1-8.txt": ["/images/train/aachen_000099_000019.png\t/segmentation/train/x.png"]})
+    out = tmp_path / "city"
+    with pytest.raises(PrepareError, match=r"train_aug_labeled_1-8.txt line 1: '/images/train/aachen_000099_000019"):
+        prepare_cityscapes.prepare_cityscapes(city_data["img_zip"], city_data["gt_zip"], out, expect_train=16,
+                                              expect_val=3, published=PublishedLists(city_pub, "train.txt"))
+    assert not out.exists()
+
+
+def test_cityscapes_published_partitions_mapped(city_data, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    spelled = {n: (f"/images/train/{Path(n).name}.png", f"/segmentation/train/{Path(n).name}_gtFine.png")
+               for n in CITY_TRAIN}
+    files = {"train.txt": ["\t".join(spelled[n]) for n in rng.permutation(CITY_TRAIN)]}
+    want = {}
+    for d in (16, 8, 4, 2):
+        order = list(rng.permutation(CITY_TRAIN))
+        k = max(1, len(order) // d)
+        want[d] = order[:k], order[k:]
+        files[f"train_aug_labeled_1-{d}.txt"] = ["\t".join(spelled[n]) for n in order[:k]]
+        files[f"train_aug_unlabeled_1-{d}.txt"] = ["\t".join(spelled[n]) for n in order[k:]]
+    pub = PublishedLists(write_published(tmp_path / "pub", files), "train.txt")
+    out = tmp_path / "city"
+    s = prepare_cityscapes.prepare_cityscapes(city_data["img_zip"], city_data["gt_zip"], out, expect_train=16,
+                                              expect_val=3, published=pub, workers=0)
+    assert "partitions: the published train_aug lists shipped in" in capsys.readouterr().out
+    for d in (16, 8, 4, 2):
+        assert (read_list(out / f"lists/labeled_1-{d}.txt"), read_list(out / f"lists/unlabeled_1-{d}.txt")) == want[d]
+    assert s["partitions"][16][0] == 1
+
+
+def test_partition_dir_protocol_at_the_command_line(voc_out, tmp_path, capsys):
+    out = tmp_path / "pascal_voc"
+    shutil.copytree(voc_out, out)
+    pub = voc_published(tmp_path / "published").folder
+    base = ["--voc", "gone.tar", "--sbd", "gone.tgz", "--out", str(out)] + MINI_VOC  # finished: archives not read
+    assert prepare_voc.main(base + ["--partition-dir", str(pub), "--protocol", "pseudoseg"]) == 0
+    assert read_list(out / "lists/labeled_1-8.txt") == VOC_TRAIN[:1]
+    assert "the folder holds the protocols 'pseudoseg', 'train_aug'" in capsys.readouterr().out
+    assert prepare_voc.main(base + ["--partition-dir", str(pub)]) == 0  # train_aug by default
+    assert read_list(out / "lists/labeled_1-8.txt") == read_list(pub / "train_aug_labeled_1-8.txt")
+    capsys.readouterr()
+    for f in pub.glob("train_aug_*"):
+        f.rename(f.with_name(f.name.replace("train_aug", "other")))
+    before = lists_of(out)
+    assert prepare_voc.main(base + ["--partition-dir", str(pub)]) == 1
+    err = capsys.readouterr().err
+    assert f"--partition-dir {pub} holds the lists of several protocols ('other', 'pseudoseg'); choose one " \
+           "with --protocol NAME" in err
+    assert prepare_voc.main(base + ["--partition-dir", str(pub), "--protocol", "nope"]) == 1
+    assert "has no partition lists of protocol 'nope'; its protocols: 'other', 'pseudoseg'" in capsys.readouterr().err
+    assert prepare_voc.main(base + ["--partition-source", "seeded", "--protocol", "pseudoseg"]) == 1
+    assert "pass only one of them" in capsys.readouterr().err
+    assert lists_of(out) == before
+
+
+def tar_cut(full: Path, where: str) -> bytes:
+    """The bytes of `full` cut at the header of its last member, or at its end-of-archive marker."""
+    with tarfile.open(full) as tf:
+        last = tf.getmembers()[-1]
+    if where == "last member":
+        return full.read_bytes()[: last.offset]
+    return full.read_bytes()[: last.offset_data + -(-last.size // 512) * 512]
+
+
+@pytest.mark.parametrize("which,where", [("voc", "last member"), ("voc", "end marker"), ("sbd", "end marker")])
+def test_tar_cut_after_the_last_file_read(voc_data, tmp_path, capsys, which, where):
+    if which == "voc":
+        full, cut = voc_data["voc_tar"], tmp_path / "VOCtrainval_11-May-2012.tar"
+        assert list(voc_data["voc"])[-1].endswith("ImageSets/Segmentation/trainval.txt")  # not read by the tool
+        cut.write_bytes(tar_cut(full, where))
+        args = ["--voc", str(cut), "--sbd", str(voc_data["sbd_tgz"])]
+    else:
+        plain = write_tar(tmp_path / "benchmark.tar", voc_data["sbd"])
+        cut = tmp_path / "benchmark.tgz"
+        with gzip.open(cut, "wb") as f:  # the tar inside is cut; the gzip stream itself is whole
+            f.write(tar_cut(plain, where))
+        args = ["--voc", str(voc_data["voc_tar"]), "--sbd", str(cut)]
+    out = tmp_path / "out"
+    assert prepare_voc.main(args + ["--out", str(out)] + MINI_VOC) == 1
+    err = capsys.readouterr().err
+    assert f"{cut} is truncated (it stops after " in err and "before its end-of-archive marker); download it again" in err
+    assert not (out / ".prepared.json").exists()
+
+
+def test_sbd_dataset_folder_accepted(voc_data, voc_out, tmp_path, capsys):
+    sdir = write_folder(tmp_path / "sbd", voc_data["sbd"])
+    for i, sbd in enumerate([sdir / "benchmark_RELEASE", sdir / "benchmark_RELEASE" / "dataset"]):
+        out = tmp_path / f"out{i}"
+        assert prepare_voc.main(["--voc", str(voc_data["voc_tar"]), "--sbd", str(sbd), "--out", str(out)]
+                                + MINI_VOC) == 0, capsys.readouterr().err
+        assert files_under(out) == files_under(voc_out)
+        assert all((out / r).read_bytes() == (voc_out / r).read_bytes() for r in files_under(out) - {".prepared.json"})
+    wrong = sdir / "benchmark_RELEASE" / "dataset" / "cls"
+    assert prepare_voc.main(["--voc", str(voc_data["voc_tar"]), "--sbd", str(wrong), "--out",
+                             str(tmp_path / "o")] + MINI_VOC) == 1
+    err = capsys.readouterr().err
+    assert f"SBD archive {wrong} has no benchmark_RELEASE/dataset/train.txt, benchmark_RELEASE/dataset/val.txt; " \
+           "pass benchmark.tgz, the benchmark_RELEASE folder extracted from it, or its dataset folder" in err
+
+
+def test_toy_data_gets_seeded_partitions_and_says_so(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_toy_data", Path(__file__).resolve().parents[1] / "tools" /
+                                                  "make_toy_data.py")
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    log = []
+    toy.generate(tmp_path, seed=5, num_train=16, num_val=2, num_city_train=4, num_city_val=2, log=log.append)
+    assert any("(16 train, 2 val; seeded partitions, seed 5" in line for line in log)
+    voc = tmp_path / "pascal_voc" / "lists"
+    train = read_list(voc / "train_aug.txt")
+    for d in (16, 8, 4, 2):
+        assert (read_list(voc / f"labeled_1-{d}.txt"), read_list(voc / f"unlabeled_1-{d}.txt")) == partition(train, d, 5)
+
+
+def test_published_set_other_fractions(voc_out, tmp_path, capsys):
+    out = tmp_path / "pascal_voc"
+    shutil.copytree(voc_out, out)
+    pub = voc_published(tmp_path / "published")
+    s = prepare_voc.prepare_voc(None, None, out, expect_train=22, expect_val=3, published=pub, denominators=[3, 8])
+    assert s["partitions"][3][2] == "seed 0" and "train_aug_labeled_1-8.txt" in s["partitions"][8][2]
+    s = prepare_voc.prepare_voc(None, None, out, expect_train=22, expect_val=3, published=pub, denominators=[3])
+    assert "have no 1/3" in s["partition_note"] and s["partitions"][3][2] == "seed 0"
+    assert read_list(out / "lists/labeled_1-3.txt") == partition(TRAIN_AUG, 3, 0)[0]

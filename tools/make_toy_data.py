@@ -261,7 +261,8 @@ def generate(out, seed=0, num_train=320, num_val=80, num_city_train=200, num_cit
     for (layout, meta), counts in zip(metas.items(), ((num_train, num_val), (num_city_train, num_city_val))):
         meta.update(seed=seed, num_train=counts[0], num_val=counts[1], ignore_index=255)
         (Path(out) / layout / "toy_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        log(f"wrote {Path(out) / layout} ({counts[0]} train, {counts[1]} val)")
+        log(f"wrote {Path(out) / layout} ({counts[0]} train, {counts[1]} val; seeded partitions, seed {seed}: the "
+            "published ones are for the real datasets)")
     return metas
 
 

@@ -16,6 +16,11 @@ Output (DATA/city), the official layout reduced to what training reads:
   lists/train.txt (2,975), lists/val.txt (500): names '{split}/{city}/{city}_{seq}_{frame}'
   lists/labeled_1-{16,8,4,2}.txt, lists/unlabeled_1-{16,8,4,2}.txt
 
+Partitions: when the training list is the published one (2,975 images, as a set), the published lists shipped
+in furnace/data/published_splits/cityscapes are installed, their '/images/train/CITY_SEQ_FRAME.png' lines
+mapped to the names above; otherwise, or with --partition-source seeded / --seed N, seeded ones are generated.
+--partition-dir DIR installs a folder of published lists of your own. The output says which.
+
 The test split, colour and instance images and polygons are not extracted. When --out is the folder the
 downloads were extracted into, the official files stay where they are and only the train-id PNGs are added.
 Re-running skips finished files, and skips the archives when the previous run finished intact.
@@ -30,7 +35,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 
 from furnace.data.cityscapes_labels import CITYSCAPES_CLASS_NAMES, label_ids_to_train_ids
-from furnace.data.prepare_utils import (PrepareError, Source, TaskPool, add_common_args, check_counts,
+from furnace.data.prepare_utils import (PartitionChoice, PrepareError, PublishedLists, Source, TaskPool,
+                                        add_common_args, check_counts, partition_choice, resolve_partitions,
+                                        shipped_published,
                                         check_magic, check_same_sizes, class_histogram, copy_done, decode_png,
                                         expected_or_none, incomplete_error, png_complete, read_index_png, save_index_png,
                                         save_manifest, try_skip, write_bytes_atomic, write_lists_and_partitions)
@@ -103,28 +110,43 @@ def _scan(src: Source, rx: re.Pattern, desc: str, handle) -> Dict[str, str]:
     return seen
 
 
-def prepare_cityscapes(images, labels, out="DATA/city", partition_dir: Optional[Path] = None, seed: int = 0,
-                       denominators: Sequence[int] = PARTITIONS, expect_train: Optional[int] = TRAIN_SIZE,
-                       expect_val: Optional[int] = VAL_SIZE, workers: int = 2, force: bool = False) -> dict:
+def prepare_cityscapes(images, labels, out="DATA/city", partition_dir: Optional[Path] = None,
+                       seed: Optional[int] = None, denominators: Sequence[int] = PARTITIONS,
+                       expect_train: Optional[int] = TRAIN_SIZE, expect_val: Optional[int] = VAL_SIZE,
+                       workers: int = 2, force: bool = False, partition_source: str = "auto",
+                       protocol: Optional[str] = None, published: Optional[PublishedLists] = None) -> dict:
     """Build DATA/city from the official archives (see the module docstring). Returns the summary of
-    write_lists_and_partitions plus skipped (True when the archives were not read)."""
+    write_lists_and_partitions plus skipped (True when the archives were not read). Partitions: see
+    PartitionChoice (the published lists' '/images/train/CITY_SEQ_FRAME.png' lines become our names
+    'train/CITY/CITY_SEQ_FRAME'); `published` replaces the shipped published lists."""
     out = Path(out)
+    choice = PartitionChoice(partition_source, seed, protocol, partition_dir,
+                             published if published is not None else shipped_published("cityscapes"))
+
+    def check_partitions(train):  # before any file is written
+        resolve_partitions(train, name_key, denominators, choice)
+
     manifest = try_skip(out, "cityscapes", force)
     if manifest is not None:
         lists, hists = manifest["lists"], manifest["hist"]
     else:
-        lists, hists = _build(images, labels, out, workers, force)
+        lists, hists = _build(images, labels, out, workers, force, check_partitions)
     check_counts({s: len(lists[s]) for s in SPLITS}, {"train": expect_train, "val": expect_val}, "cityscapes")
     summary = write_lists_and_partitions(out / "lists", lists, "train", hists, CITYSCAPES_CLASS_NAMES,
-                                         key_fn=name_key, denominators=denominators, seed=seed,
-                                         partition_dir=partition_dir)
+                                         key_fn=name_key, denominators=denominators, choice=choice)
     summary["skipped"] = manifest is not None
     return summary
 
 
-def _build(images, labels, out: Path, workers: int, force: bool) -> Tuple[dict, dict]:
+def _build(images, labels, out: Path, workers: int, force: bool, check_partitions=None) -> Tuple[dict, dict]:
     img_src = Source(images, "Cityscapes leftImg8bit archive", HINT)
     lbl_src = Source(labels, "Cityscapes gtFine archive", HINT)
+    listed = img_src.cheap_names()  # a zip or folder: check the partitions before writing anything
+    if check_partitions is not None and listed is not None:
+        train = sorted({"train/{}/{}".format(*m.groups()[1:]) for m in map(IMAGE_RX.search, listed)
+                        if m and m.group(1) == "train"})
+        if train:
+            check_partitions(train)
 
     with TaskPool(workers) as pool:
         def handle_image(m, name, split):
@@ -156,6 +178,8 @@ def _build(images, labels, out: Path, workers: int, force: bool) -> Tuple[dict, 
             raise PrepareError(f"{lbl_src} holds no gtFine/{{train,val}}/CITY/*_gtFine_labelIds.png; "
                                "is it gtFine_trainvaltest.zip?")
 
+    for src in (img_src, lbl_src):  # a tar cut at a member boundary after the last file needed
+        src.check_complete()
     no_label = sorted(set(image_names) - set(label_names))
     no_image = sorted(set(label_names) - set(image_names))
     if no_label or no_image:
@@ -179,9 +203,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_common_args(parser, "DATA/city", TRAIN_SIZE, VAL_SIZE)
     args = parser.parse_args(argv)
     try:
-        prepare_cityscapes(args.images, args.labels, args.out, partition_dir=args.partition_dir, seed=args.seed,
+        c = partition_choice(args, "cityscapes")
+        prepare_cityscapes(args.images, args.labels, args.out, partition_dir=c.partition_dir, seed=c.seed,
                            denominators=args.partitions, expect_train=expected_or_none(args.expect_train),
-                           expect_val=expected_or_none(args.expect_val), workers=args.workers, force=args.force)
+                           expect_val=expected_or_none(args.expect_val), workers=args.workers,
+                           force=args.force, partition_source=c.source, protocol=c.protocol)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

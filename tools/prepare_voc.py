@@ -5,7 +5,8 @@
 
 Inputs (archives or their extracted folders):
   --voc  VOCtrainval_11-May-2012.tar  (VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation})
-  --sbd  benchmark.tgz                (benchmark_RELEASE/dataset/{img, cls, train.txt, val.txt})
+  --sbd  benchmark.tgz                (benchmark_RELEASE/dataset/{img, cls, train.txt, val.txt}); its extracted
+                                      benchmark_RELEASE folder or benchmark_RELEASE/dataset itself also work
 
 Output (DATA/pascal_voc):
   train_aug/image/NAME.jpg, train_aug/label/NAME.png   10,582 = (SBD train + SBD val + VOC train) - VOC val
@@ -15,6 +16,11 @@ Output (DATA/pascal_voc):
 Labels are single-channel PNGs of class indices (0..20, 255 = ignore). A train_aug image in VOC train keeps
 its VOC SegmentationClass label (with the 255 object borders); the others get the SBD `GTcls.Segmentation`
 label (no borders). Images are the VOC JPEG bytes, or SBD's where VOC lacks the image.
+
+Partitions: when train_aug is the published one (10,582 images, as a set), the published lists shipped in
+furnace/data/published_splits/voc are installed (protocol train_aug; --protocol pseudoseg for the PseudoSeg
+lists of VOC train); otherwise, or with --partition-source seeded / --seed N, seeded ones are generated.
+--partition-dir DIR installs a folder of published lists of your own. The output says which.
 
 Each archive is read in one forward pass (plus, for a compressed archive, a pass that stops at the split
 lists), and only the files above are written. Re-running skips finished files, and skips the archives
@@ -31,7 +37,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from furnace.data.prepare_utils import (PrepareError, Source, TaskPool, add_common_args, check_counts,
+from furnace.data.prepare_utils import (PartitionChoice, PrepareError, PublishedLists, Source, TaskPool,
+                                        add_common_args, check_counts, partition_choice, resolve_partitions,
+                                        shipped_published,
                                         check_magic, check_same_sizes, class_histogram, copy_done, decode_png,
                                         expected_or_none, incomplete_error, png_complete, read_index_png, save_index_png,
                                         save_manifest, try_skip, write_bytes_atomic, write_lists_and_partitions,
@@ -50,10 +58,15 @@ VOC_LISTS = {
     "train": (r"(^|/)ImageSets/Segmentation/train\.txt$", "ImageSets/Segmentation/train.txt"),
     "val": (r"(^|/)ImageSets/Segmentation/val\.txt$", "ImageSets/Segmentation/val.txt"),
 }
+# benchmark.tgz holds benchmark_RELEASE/dataset/{train.txt, val.txt, img, cls, inst}; the archive, the extracted
+# benchmark_RELEASE folder (or any folder above it) and benchmark_RELEASE/dataset itself (the folder other
+# tools call the SBD root) are all accepted.
 SBD_LISTS = {
-    "train": (r"(^|/)dataset/train\.txt$", "dataset/train.txt"),
-    "val": (r"(^|/)dataset/val\.txt$", "dataset/val.txt"),
+    "train": (r"(^|/)dataset/train\.txt$|^train\.txt$", "benchmark_RELEASE/dataset/train.txt"),
+    "val": (r"(^|/)dataset/val\.txt$|^val\.txt$", "benchmark_RELEASE/dataset/val.txt"),
 }
+SBD_WHERE = ("pass benchmark.tgz, the benchmark_RELEASE folder extracted from it, or its dataset folder "
+             "(benchmark_RELEASE/dataset, which holds train.txt, val.txt, img/ and cls/)")
 
 
 def _root_of(member: str, suffix: str) -> str:
@@ -109,33 +122,48 @@ def _decode_voc_png(data: bytes, where: str) -> np.ndarray:
     return decode_png(data, where, modes=("P", "L"))
 
 
-def prepare_voc(voc, sbd, out="DATA/pascal_voc", partition_dir: Optional[Path] = None, seed: int = 0,
+def name_key(token: str) -> str:
+    """VOC image name of a list token: '2007_000032', 'JPEGImages/2007_000032.jpg', ... (Path.stem, faster)."""
+    base = token.rsplit("/", 1)[-1]
+    stem, dot, ext = base.rpartition(".")
+    return stem if dot and stem and ext else base
+
+
+def prepare_voc(voc, sbd, out="DATA/pascal_voc", partition_dir: Optional[Path] = None, seed: Optional[int] = None,
                 denominators: Sequence[int] = PARTITIONS, expect_train: Optional[int] = TRAIN_AUG_SIZE,
-                expect_val: Optional[int] = VAL_SIZE, workers: int = 2, force: bool = False) -> dict:
+                expect_val: Optional[int] = VAL_SIZE, workers: int = 2, force: bool = False,
+                partition_source: str = "auto", protocol: Optional[str] = None,
+                published: Optional[PublishedLists] = None) -> dict:
     """Build DATA/pascal_voc from the official archives (see the module docstring). Returns a summary:
-    counts, partitions {d: (n_labeled, n_unlabeled, source)}, max_balance_diff {d: max_c |f_l(c)-f(c)|},
-    skipped (True when the archives were not read because an earlier run had finished)."""
+    counts, partitions {d: (n_labeled, n_unlabeled, source)}, partition_note, max_balance_diff
+    {d: max_c |f_l(c)-f(c)|}, skipped (True when the archives were not read because an earlier run had
+    finished). Partitions: see PartitionChoice; `published` replaces the shipped published lists."""
     out = Path(out)
+    choice = PartitionChoice(partition_source, seed, protocol, partition_dir,
+                             published if published is not None else shipped_published("pascal_voc"))
+
+    def check_partitions(train):  # before any file is written
+        resolve_partitions(train, name_key, denominators, choice)
+
     manifest = try_skip(out, "pascal_voc", force)
     if manifest is not None:
         lists, hists = manifest["lists"], manifest["hist"]
     else:
-        lists, hists = _build(voc, sbd, out, workers, force)
+        lists, hists = _build(voc, sbd, out, workers, force, check_partitions)
     check_counts({"train_aug": len(lists["train_aug"]), "val": len(lists["val"])},
                  {"train_aug": expect_train, "val": expect_val}, "pascal_voc")
     summary = write_lists_and_partitions(out / "lists", lists, "train_aug", hists, VOC_CLASS_NAMES,
-                                         key_fn=lambda s: Path(s).stem, denominators=denominators, seed=seed,
-                                         partition_dir=partition_dir)
+                                         key_fn=name_key, denominators=denominators, choice=choice)
     summary["skipped"] = manifest is not None
     return summary
 
 
-def _build(voc, sbd, out: Path, workers: int, force: bool):
+def _build(voc, sbd, out: Path, workers: int, force: bool, check_partitions=None):
     voc_src = Source(voc, "VOC2012 trainval archive", VOC_HINT)
     sbd_src = Source(sbd, "SBD archive", SBD_HINT)
 
     voc_lists = voc_src.find(VOC_LISTS)
-    sbd_lists = sbd_src.find(SBD_LISTS)
+    sbd_lists = sbd_src.find(SBD_LISTS, hint=SBD_WHERE)
     voc_train = parse_names(voc_lists["train"][1], f"{voc_src} {voc_lists['train'][0]}")
     voc_val = parse_names(voc_lists["val"][1], f"{voc_src} {voc_lists['val'][0]}")
     sbd_train = parse_names(sbd_lists["train"][1], f"{sbd_src} {sbd_lists['train'][0]}")
@@ -147,6 +175,8 @@ def _build(voc, sbd, out: Path, workers: int, force: bool):
     val_set = set(val)
     train = sorted((set(sbd_train) | set(sbd_val) | set(voc_train)) - val_set)
     train_set = set(train)
+    if check_partitions is not None:
+        check_partitions(train)
     voc_labeled = set(voc_train) - val_set  # train_aug images whose label comes from VOC
     split_of = {n: "train_aug" for n in train}
     split_of.update({n: "val" for n in val})
@@ -222,6 +252,8 @@ def _build(voc, sbd, out: Path, workers: int, force: bool):
     }
     if any(missing.values()):
         raise incomplete_error(missing, [voc_src, sbd_src])
+    for src in (voc_src, sbd_src):  # cut at a member boundary after the last file needed
+        src.check_complete()
     names = val + train
     check_same_sizes([(image_path(n), label_path(n)) for n in names])
     files = [image_path(n) for n in names] + [label_path(n) for n in names]
@@ -233,13 +265,16 @@ def _build(voc, sbd, out: Path, workers: int, force: bool):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--voc", required=True, help="VOCtrainval_11-May-2012.tar or its extracted folder")
-    parser.add_argument("--sbd", required=True, help="SBD benchmark.tgz or its extracted folder")
+    parser.add_argument("--sbd", required=True,
+                        help="SBD benchmark.tgz, its extracted benchmark_RELEASE folder, or benchmark_RELEASE/dataset")
     add_common_args(parser, "DATA/pascal_voc", TRAIN_AUG_SIZE, VAL_SIZE)
     args = parser.parse_args(argv)
     try:
-        prepare_voc(args.voc, args.sbd, args.out, partition_dir=args.partition_dir, seed=args.seed,
+        c = partition_choice(args, "pascal_voc")
+        prepare_voc(args.voc, args.sbd, args.out, partition_dir=c.partition_dir, seed=c.seed,
                     denominators=args.partitions, expect_train=expected_or_none(args.expect_train),
-                    expect_val=expected_or_none(args.expect_val), workers=args.workers, force=args.force)
+                    expect_val=expected_or_none(args.expect_val), workers=args.workers, force=args.force,
+                    partition_source=c.source, protocol=c.protocol)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

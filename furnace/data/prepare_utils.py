@@ -10,7 +10,9 @@ The dataset tools only decide *which* archive member goes *where*; this module d
 - a manifest (`.prepared.json` in the output folder) recording every output file with its size and the
   per-image class histograms; a re-run whose manifest still matches the disk skips the archives entirely.
 - `TaskPool`: label decoding/encoding in a few threads while the main thread streams the archive.
-- partitions (seeded, or published lists used as is), their class-frequency balance, and the count check.
+- partitions: the published lists shipped in published_splits/ when the training list is the published one,
+  seeded ones otherwise or on request, or a user's folder of published lists (one protocol of several by
+  name); their class-frequency balance, and the count check.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import zipfile
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -112,6 +114,7 @@ class Source:
             raise PrepareError(f"{what} not found: {self.path}" + (f" ({hint})" if hint else ""))
         self.kind = "dir" if self.path.is_dir() else _archive_kind(self.path)
         self.ended_cleanly = True  # set False when a tar read ends without its end-of-archive block
+        self.last_member: Optional[str] = None  # the last tar member read, for the truncation message
 
     def __str__(self) -> str:
         return f"{self.what} {self.path}"
@@ -186,6 +189,7 @@ class Source:
                     except _ARCHIVE_ERRORS as e:
                         raise self.damaged(e) from e
                     bar.update(counter.count - bar.n)
+                    self.last_member = info.name
                     if not info.isfile():
                         continue
 
@@ -202,13 +206,37 @@ class Source:
                 bar.update(counter.count - bar.n)
                 self.ended_cleanly = _tar_ended_cleanly(tf)
 
+    def cheap_names(self) -> Optional[List[str]]:
+        """Every file name without reading any data (a folder walk, a zip's directory), or None for a tar,
+        which would have to be read through."""
+        if self.kind == "dir":
+            return [(Path(d) / f).relative_to(self.path).as_posix()
+                    for d, _, files in os.walk(self.path) for f in files]
+        if self.kind == "zip":
+            try:
+                with zipfile.ZipFile(self.path) as zf:
+                    return [i.filename for i in zf.infolist() if not i.is_dir()]
+            except _ARCHIVE_ERRORS as e:
+                raise self.damaged(e) from e
+        return None
+
+    def check_complete(self) -> None:
+        """After a full pass: a tar that ended without its end-of-archive marker is an error naming it, even
+        when every file the tool needed came before the cut (tarfile itself stops silently at a member
+        boundary)."""
+        if not self.ended_cleanly:
+            after = f" after {self.last_member}" if self.last_member else ""
+            raise PrepareError(f"{self} is truncated (it stops{after}, before its end-of-archive marker); "
+                               "download it again")
+
     # -- small files (split lists) --------------------------------------------------------------------
-    def find(self, patterns: Mapping[str, Tuple[str, str]]) -> Dict[str, Tuple[str, bytes]]:
+    def find(self, patterns: Mapping[str, Tuple[str, str]], hint: str = "") -> Dict[str, Tuple[str, bytes]]:
         """Read the small files matching `patterns` {key: (regex on member name, human description)}.
 
         Returns {key: (member name, bytes)}. A pattern with no match is an error naming the source (wrong or
         incomplete archive); two matches is an error too (e.g. a folder holding two dataset copies).
-        A compressed tar is streamed only until every pattern has matched."""
+        A compressed tar is streamed only until every pattern has matched. `hint` ends the message of a
+        missing file (e.g. which folder to pass)."""
         regexes = {k: re.compile(rx) for k, (rx, _) in patterns.items()}
         found: Dict[str, Tuple[str, bytes]] = {}
 
@@ -237,6 +265,7 @@ class Source:
             try:
                 with tarfile.open(self.path, "r:") as tf:
                     for info in tf:
+                        self.last_member = info.name
                         if info.isfile():
                             visit(info.name, lambda info=info: tf.extractfile(info).read())
                     self.ended_cleanly = _tar_ended_cleanly(tf)
@@ -252,7 +281,8 @@ class Source:
             raise PrepareError(f"{self} is truncated (it stops before its end-of-archive marker) and lacks "
                                f"{', '.join(missing)}; download it again")
         if missing:
-            raise PrepareError(f"{self} has no {', '.join(missing)}; is it the right (and complete) download?")
+            raise PrepareError(f"{self} has no {', '.join(missing)}; "
+                               + (hint or "is it the right (and complete) download?"))
         return found
 
 
@@ -477,46 +507,139 @@ class Partition:
     denominator: int
     labeled: List[str]
     unlabeled: List[str]
-    source: str  # 'seed N' or the published file it came from
+    source: str  # 'seed N' or the published file(s) it came from
+    shared: List[str] = field(default_factory=list)  # images in both lists (as some published lists have)
+
+
+# The published partition lists shipped with the project (see published_splits/SOURCE.md), per dataset:
+# the folder and the name of the published training list that decides whether they apply.
+PUBLISHED_ROOT = Path(__file__).resolve().parent / "published_splits"
+DEFAULT_PROTOCOL = "train_aug"  # the protocol every later paper compares on (the pseudoseg_* lists are another)
+SOURCES = ("auto", "published", "seeded")
+
+
+@dataclass
+class PublishedLists:
+    folder: Path  # {protocol}_labeled_1-D.txt, {protocol}_unlabeled_1-D.txt and the training list
+    train_list: str  # file name of the published training list, e.g. 'train_aug.txt'
+
+
+def shipped_published(dataset: str) -> PublishedLists:
+    """The shipped published lists of 'pascal_voc' or 'cityscapes'."""
+    return {"pascal_voc": PublishedLists(PUBLISHED_ROOT / "voc", "train_aug.txt"),
+            "cityscapes": PublishedLists(PUBLISHED_ROOT / "cityscapes", "train.txt")}[dataset]
+
+
+@dataclass
+class PartitionChoice:
+    """Where the partitions come from (the command-line options of the prepare tools).
+
+    source 'auto': the published lists when the training list is the published one, else seeded;
+    'published': the published lists whatever the training list (an image they name that the set lacks is
+    an error); 'seeded': `partition(train, d, seed)`. A seed given with 'auto' means 'seeded'.
+    partition_dir: a user's folder of published lists, used as is (source must not be 'seeded').
+    protocol: which protocol of a folder holding several (e.g. 'train_aug', 'pseudoseg')."""
+
+    source: str = "auto"
+    seed: Optional[int] = None
+    protocol: Optional[str] = None
+    partition_dir: Optional[Path] = None
+    published: Optional[PublishedLists] = None
 
 
 _FRACTION = re.compile(r"(?<![0-9])1[-_](\d+)(?![0-9])")
+_FRACTION_DIR = re.compile(r"1[-_]\d+")
+_KIND = re.compile(r"[_-]?(un)?labeled", re.IGNORECASE)
 
 
-def find_published(partition_dir: Path) -> Dict[Tuple[int, str], Path]:
-    """Published partition files under `partition_dir`, keyed by (denominator, 'labeled'|'unlabeled').
+def protocol_of(rel: str) -> str:
+    """The protocol a partition file belongs to, from its path relative to the partition folder: the path
+    without the fraction and the (un)labeled word. 'train_aug_labeled_1-8.txt' -> 'train_aug',
+    'pseudoseg_unlabeled_1-8.txt' -> 'pseudoseg', 'labeled_1-8.txt' and '1_8/labeled.txt' -> ''."""
+    parts = rel.split("/")
+    dirs = [p for p in parts[:-1] if not _FRACTION_DIR.fullmatch(p)]
+    stem = parts[-1][:-4] if parts[-1].lower().endswith(".txt") else parts[-1]
+    stem = _FRACTION.sub("", _KIND.sub("", stem)).strip("_-. ")
+    return "/".join(dirs + ([stem] if stem else []))
 
-    Recognises the usual spellings: labeled_1-8.txt, train_aug_labeled_1-8.txt, 1_8/labeled.txt, ..."""
-    partition_dir = Path(partition_dir)
-    if not partition_dir.is_dir():
-        raise PrepareError(f"--partition-dir {partition_dir} is not a folder")
-    found: Dict[Tuple[int, str], List[Path]] = {}
-    for p in sorted(partition_dir.rglob("*.txt")):
-        rel = p.relative_to(partition_dir).as_posix().lower()
+
+def _protocol_name(p: str) -> str:
+    return repr(p) if p else "'' (unnamed)"
+
+
+def published_protocols(partition_dir: Path) -> Dict[str, Dict[Tuple[int, str], List[Path]]]:
+    """Partition files under `partition_dir` by protocol, then by (denominator, 'labeled'|'unlabeled')."""
+    out: Dict[str, Dict[Tuple[int, str], List[Path]]] = {}
+    for p in sorted(Path(partition_dir).rglob("*.txt")):
+        rel = p.relative_to(partition_dir).as_posix()
         m = _FRACTION.search(rel)
         if not m:
             continue
-        kind = "unlabeled" if "unlabeled" in rel else ("labeled" if "labeled" in rel else None)
+        low = rel.lower()
+        kind = "unlabeled" if "unlabeled" in low else ("labeled" if "labeled" in low else None)
         if kind:
-            found.setdefault((int(m.group(1)), kind), []).append(p)
-    dup = {k: v for k, v in found.items() if len(v) > 1}
+            out.setdefault(protocol_of(rel), {}).setdefault((int(m.group(1)), kind), []).append(p)
+    return out
+
+
+def find_published(partition_dir: Path, protocol: Optional[str] = None,
+                   prefer: Optional[str] = DEFAULT_PROTOCOL, what: str = "--partition-dir") -> Dict[Tuple[int, str], Path]:
+    """Published partition files under `partition_dir`, keyed by (denominator, 'labeled'|'unlabeled').
+
+    Recognises the usual spellings: labeled_1-8.txt, train_aug_labeled_1-8.txt, 1_8/labeled.txt, ...
+    A folder may hold several protocols (train_aug_*, pseudoseg_*): `protocol` picks one by name (its
+    files' prefix, or a folder name on their path). Without it, every file is used when no two give the
+    same list; otherwise `prefer` when the folder has it; otherwise it is an error listing the protocols."""
+    partition_dir = Path(partition_dir)
+    if not partition_dir.is_dir():
+        raise PrepareError(f"{what} {partition_dir} is not a folder")
+    groups = published_protocols(partition_dir)
+    names = ", ".join(_protocol_name(p) for p in groups) or "none"
+    if protocol is not None:
+        want = protocol.lower()
+        match = [p for p in groups if p.lower() == want or want in p.lower().split("/")]
+        if not match:
+            raise PrepareError(f"{what} {partition_dir} has no partition lists of protocol {protocol!r}; "
+                               f"its protocols: {names}")
+        if len(match) > 1:
+            raise PrepareError(f"{what} {partition_dir}: protocol {protocol!r} matches several: "
+                               + ", ".join(map(_protocol_name, match)) + "; give one of them in full")
+        chosen = groups[match[0]]
+    else:
+        merged: Dict[Tuple[int, str], List[Path]] = {}
+        for g in groups.values():
+            for k, v in g.items():
+                merged.setdefault(k, []).extend(v)
+        if len(groups) > 1 and any(len(v) > 1 for v in merged.values()):
+            if prefer is not None and prefer in groups:
+                chosen = groups[prefer]
+            else:
+                raise PrepareError(f"{what} {partition_dir} holds the lists of several protocols ({names}); "
+                                   "choose one with --protocol NAME")
+        else:
+            chosen = merged
+    dup = {k: v for k, v in chosen.items() if len(v) > 1}
     if dup:
         (d, kind), paths = next(iter(dup.items()))
-        raise PrepareError(f"--partition-dir {partition_dir}: several {kind} lists for 1/{d}: "
+        raise PrepareError(f"{what} {partition_dir}: several {kind} lists for 1/{d}: "
                            + ", ".join(map(str, paths)) + "; point to the folder of one protocol")
-    return {k: v[0] for k, v in found.items()}
+    return {k: v[0] for k, v in chosen.items()}
+
+
+def list_tokens(path: Path) -> List[str]:
+    """First token of each line of a published list (a bare name, or the image path of 'image label')."""
+    try:
+        lines = read_list(path)
+    except (OSError, ValueError) as e:
+        raise PrepareError(str(e)) from e
+    return [line.split()[0] for line in lines]
 
 
 def load_published(path: Path, key_fn: Callable[[str], Optional[str]], lookup: Mapping[str, str]) -> List[str]:
     """Names of a published list, as is (same order). A line may be a bare name or paths (image first);
     key_fn maps its first token to a key of `lookup` (key -> our name). Unknown names are an error."""
-    try:
-        lines = read_list(path)
-    except (OSError, ValueError) as e:
-        raise PrepareError(str(e)) from e
     names = []
-    for i, line in enumerate(lines, 1):
-        token = line.split()[0]
+    for i, token in enumerate(list_tokens(path), 1):
         key = key_fn(token)
         if key is None or key not in lookup:
             raise PrepareError(f"{path} line {i}: {token!r} is not an image of the training list")
@@ -526,30 +649,41 @@ def load_published(path: Path, key_fn: Callable[[str], Optional[str]], lookup: M
     return names
 
 
+def is_published_set(train: Sequence[str], published_train: Sequence[str],
+                     key_fn: Callable[[str], Optional[str]]) -> bool:
+    """Is the prepared training list the published one, as a set of images? Both are mapped by key_fn
+    (e.g. our 'train/jena/jena_000078_000019' and the published '/images/train/jena_000078_000019.png')."""
+    ours = {key_fn(n) for n in train}
+    theirs = {key_fn(n) for n in published_train}
+    return None not in ours and len(ours) == len(train) and ours == theirs
+
+
 def make_partitions(train: Sequence[str], key_fn: Callable[[str], Optional[str]],
                     denominators: Sequence[int] = PARTITIONS, seed: int = 0,
-                    partition_dir: Optional[Path] = None) -> List[Partition]:
+                    partition_dir: Optional[Path] = None, protocol: Optional[str] = None,
+                    what: str = "--partition-dir") -> List[Partition]:
     """For each 1/d: the published lists under partition_dir if there are, else a seeded `partition`.
 
-    With a published labeled list and no unlabeled one, the unlabeled part is the rest of `train`."""
+    With a published labeled list and no unlabeled one, the unlabeled part is the rest of `train`.
+    Images in both lists are kept (the published PseudoSeg lists have one) and reported in `shared`."""
     lookup = {}
     for n in train:
         lookup[key_fn(n)] = n
-    published = find_published(partition_dir) if partition_dir is not None else {}
+    published = find_published(partition_dir, protocol, what=what) if partition_dir is not None else {}
     if partition_dir is not None and not any(k[1] == "labeled" and k[0] in denominators for k in published):
-        raise PrepareError(f"--partition-dir {partition_dir} holds no labeled list for 1/"
+        raise PrepareError(f"{what} {partition_dir} holds no labeled list for 1/"
                            + ", 1/".join(map(str, denominators)) + " (e.g. labeled_1-8.txt)")
     parts = []
     for d in denominators:
+        shared: List[str] = []
         if (d, "labeled") in published:
             lpath = published[(d, "labeled")]
             labeled = load_published(lpath, key_fn, lookup)
             if (d, "unlabeled") in published:
                 upath = published[(d, "unlabeled")]
                 unlabeled = load_published(upath, key_fn, lookup)
-                both = set(labeled) & set(unlabeled)
-                if both:
-                    raise PrepareError(f"{lpath} and {upath} share {len(both)} images, e.g. {sorted(both)[0]}")
+                in_labeled = set(labeled)
+                shared = [n for n in unlabeled if n in in_labeled]
                 source = f"{lpath} + {upath}"
             else:
                 chosen = set(labeled)
@@ -561,8 +695,70 @@ def make_partitions(train: Sequence[str], key_fn: Callable[[str], Optional[str]]
             except ValueError as e:
                 raise PrepareError(f"partition 1/{d}: {e} (choose others with --partitions)") from e
             source = f"seed {seed}"
-        parts.append(Partition(d, labeled, unlabeled, source))
+        parts.append(Partition(d, labeled, unlabeled, source, shared))
     return parts
+
+
+@dataclass
+class Resolved:
+    parts: List[Partition]
+    note: str  # one line for the output: which partitions and why
+
+
+def resolve_partitions(train: Sequence[str], key_fn: Callable[[str], Optional[str]],
+                       denominators: Sequence[int], choice: PartitionChoice) -> Resolved:
+    """The partitions `choice` asks for, checked against `train` (nothing is written). Every list a
+    published folder names must be an image of `train`: an error names the list file and the image."""
+    if choice.source not in SOURCES:
+        raise PrepareError(f"--partition-source must be one of {', '.join(SOURCES)}, got {choice.source!r}")
+    seed = 0 if choice.seed is None else choice.seed
+    if choice.partition_dir is not None:
+        if choice.source == "seeded":
+            raise PrepareError("--partition-dir gives published lists and --partition-source seeded asks for "
+                               "generated ones: pass only one of them")
+        parts = make_partitions(train, key_fn, denominators, seed, choice.partition_dir, choice.protocol)
+        protocols = published_protocols(choice.partition_dir)
+        note = f"partitions: the lists in {choice.partition_dir}"
+        if choice.protocol is not None:
+            note += f", protocol {choice.protocol}"
+        if len(protocols) > 1:
+            note += ("; the folder holds the protocols " + ", ".join(map(_protocol_name, protocols))
+                     + " (choose one with --protocol NAME; default " + DEFAULT_PROTOCOL + ")")
+        return Resolved(parts, note)
+    explicit_seed = choice.source == "auto" and choice.seed is not None and choice.protocol is None
+    if choice.source == "seeded" or explicit_seed:
+        if choice.protocol is not None:
+            raise PrepareError(f"--protocol {choice.protocol} chooses published lists and --partition-source "
+                               "seeded asks for generated ones: pass only one of them")
+        return Resolved(make_partitions(train, key_fn, denominators, seed),
+                        f"partitions: seeded (seed {seed}), as asked")
+    pub = choice.published
+    if pub is None:
+        if choice.source == "published" or choice.protocol is not None:
+            raise PrepareError("no published partition lists are known for this dataset")
+        return Resolved(make_partitions(train, key_fn, denominators, seed), f"partitions: seeded (seed {seed})")
+    train_path = Path(pub.folder) / pub.train_list
+    if not train_path.is_file():
+        raise PrepareError(f"the published lists are incomplete: {train_path} is missing")
+    published_train = list_tokens(train_path)
+    same = is_published_set(train, published_train, key_fn)
+    protocol = DEFAULT_PROTOCOL if choice.protocol is None else choice.protocol
+    if not same and choice.source == "auto" and choice.protocol is None:
+        return Resolved(make_partitions(train, key_fn, denominators, seed),
+                        f"partitions: seeded (seed {seed}), since the training list ({len(train)} images) is not "
+                        f"the published one ({train_path}, {len(published_train)} images); "
+                        "--partition-source published installs the published lists anyway")
+    have = {d for d, kind in find_published(pub.folder, protocol, what="published lists") if kind == "labeled"}
+    if not have & set(denominators) and choice.source == "auto" and choice.protocol is None:
+        return Resolved(make_partitions(train, key_fn, denominators, seed),
+                        f"partitions: seeded (seed {seed}), since the published lists ({pub.folder}) have no 1/"
+                        + ", 1/".join(map(str, denominators)))
+    parts = make_partitions(train, key_fn, denominators, seed, pub.folder, protocol, what="published lists")
+    why = ("the training list is the published one" if same else
+           f"as asked, though the training list ({len(train)} images) is not the published one "
+           f"({len(published_train)} images)")
+    return Resolved(parts, f"partitions: the published {protocol} lists shipped in {pub.folder} ({why}); "
+                    "--partition-source seeded [--seed N] generates others")
 
 
 def balance_table(parts: Sequence[Partition], hists: Mapping[str, np.ndarray], train: Sequence[str],
@@ -596,18 +792,23 @@ def balance_table(parts: Sequence[Partition], hists: Mapping[str, np.ndarray], t
 def write_lists_and_partitions(list_dir: Path, lists: Mapping[str, Sequence[str]], train_key: str,
                                hists: Mapping[str, np.ndarray], class_names: Sequence[str],
                                key_fn: Callable[[str], Optional[str]], denominators: Sequence[int],
-                               seed: int, partition_dir: Optional[Path]) -> dict:
-    """Write lists/<split>.txt for every split, the partitions, and print the balance report."""
+                               choice: PartitionChoice) -> dict:
+    """Resolve the partitions (any error comes before a file is written), then write lists/<split>.txt for
+    every split and the partitions, and print which partitions these are and the balance report."""
     list_dir = Path(list_dir)
+    train = list(lists[train_key])
+    resolved = resolve_partitions(train, key_fn, denominators, choice)
+    parts = resolved.parts
     for split, names in lists.items():
         write_list(list_dir / f"{split}.txt", names)
-    train = list(lists[train_key])
-    parts = make_partitions(train, key_fn, denominators, seed, partition_dir)
+    print(resolved.note)
     for p in parts:
         lpath, upath = partition_paths(list_dir, p.denominator)
         write_list(lpath, p.labeled)
         write_list(upath, p.unlabeled)
         print(f"partition 1/{p.denominator}: {len(p.labeled)} labeled, {len(p.unlabeled)} unlabeled ({p.source})")
+        if p.shared:
+            print(f"  note: {len(p.shared)} image(s) in both lists, kept as published: {', '.join(p.shared[:5])}")
     table, max_abs = balance_table(parts, hists, train, class_names)
     print("class-frequency balance: pixel share of each class in the whole training set, and the labeled "
           "part's share minus it (percentage points)")
@@ -615,6 +816,7 @@ def write_lists_and_partitions(list_dir: Path, lists: Mapping[str, Sequence[str]
     return {
         "counts": {k: len(v) for k, v in lists.items()},
         "partitions": {p.denominator: (len(p.labeled), len(p.unlabeled), p.source) for p in parts},
+        "partition_note": resolved.note,
         "max_balance_diff": max_abs,
     }
 
@@ -622,10 +824,18 @@ def write_lists_and_partitions(list_dir: Path, lists: Mapping[str, Sequence[str]
 # ------------------------------------------------------------------------------------------------- CLI
 def add_common_args(parser: argparse.ArgumentParser, out_default: str, expect_train: int, expect_val: int) -> None:
     parser.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+    parser.add_argument("--partition-source", choices=SOURCES, default="auto",
+                        help="auto (default): the published partitions shipped with the project when the "
+                             "training list is the published one, else seeded ones; published: the shipped "
+                             "lists whatever the training list; seeded: generated with --seed")
+    parser.add_argument("--protocol", default=None,
+                        help=f"which published protocol: {DEFAULT_PROTOCOL} (default) or pseudoseg (VOC); also "
+                             "picks one protocol of a --partition-dir folder holding several")
     parser.add_argument("--partition-dir", type=Path, default=None,
                         help="folder of published partition lists (e.g. labeled_1-8.txt, 1_8/labeled.txt), "
                              "used as is; partitions it lacks are generated with --seed")
-    parser.add_argument("--seed", type=int, default=0, help="seed of generated partitions (default 0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of generated partitions (default 0; giving it asks for seeded partitions)")
     parser.add_argument("--partitions", type=int, nargs="+", default=list(PARTITIONS),
                         help="denominators d of the 1/d labeled partitions (default 16 8 4 2)")
     parser.add_argument("--expect-train", type=int, default=expect_train,
@@ -635,6 +845,11 @@ def add_common_args(parser: argparse.ArgumentParser, out_default: str, expect_tr
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="threads converting labels (0 = none)")
     parser.add_argument("--force", action="store_true", help="redo everything, ignoring earlier outputs")
+
+
+def partition_choice(args: argparse.Namespace, dataset: str) -> PartitionChoice:
+    return PartitionChoice(source=args.partition_source, seed=args.seed, protocol=args.protocol,
+                           partition_dir=args.partition_dir, published=shipped_published(dataset))
 
 
 def expected_or_none(n: int) -> Optional[int]:
