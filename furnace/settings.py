@@ -110,7 +110,7 @@ RULES: Dict[str, Check] = {
     "loss_scope": optional(one_of("per_gpu", "global")),
     # loss weights
     "sup_weight": number(0), "cps_weight": number(0), "pixel_unlabeled_weight": number(0),
-    "pixel_labeled_weight": number(0), "semantic_weight": number(0), "semantic_batch": number(0, lo_open=True),
+    "pixel_labeled_weight": number(0), "semantic_weight": number(0),
     "region_weight": number(0), "region_grid": integer(1), "ohem": boolean, "ohem_thresh": number(0, 1, lo_open=True),
     "ohem_min_kept": integer(0),
     # optimisation

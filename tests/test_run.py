@@ -70,7 +70,7 @@ BAD = [("lr=abc", "lr='abc' must be a number"), ("lr=0", "lr=0 must be > 0"), ("
        ("ohem_thresh=0", "ohem_thresh=0"), ("warmup_iters=-1", "warmup_iters=-1"), ("amp=fp8", "amp='fp8'"),
        ("network=resnet19", "network='resnet19'"), ("teacher_deep=3", "teacher_deep=3"),
        ("eval_flip=1", "eval_flip=1 must be True or False"), ("output_stride=12", "output_stride=12"),
-       ("class_names=3", "class_names=3"), ("semantic_batch=0", "semantic_batch=0")]
+       ("class_names=3", "class_names=3"), ("gpu_batch=0", "gpu_batch=0")]
 
 
 @pytest.mark.parametrize("pair,fragment", BAD, ids=[p for p, _ in BAD])
@@ -232,7 +232,8 @@ def test_killed_script_sh_leaves_no_trainer(toy, tmp_path, ngpus, kill):
     """SIGKILL to script.sh's process group (torchrun with 2 workers, which run in sessions of their own), or
     to the script's bash alone (1 process): within seconds no process of the run is left."""
     out = tmp_path / "run"
-    args = overrides(toy, out, method="supervised", epochs=1, iters_per_epoch=10000, save_every_iters=0)
+    args = overrides(toy, out, method="supervised", epochs=1, iters_per_epoch=10000, save_every_iters=0,
+                     gpu_batch=1)  # 2 processes of 1 image each (the published per-GPU groups are 2)
     proc = subprocess.Popen(["bash", str(EXP / "script.sh")] + args, env=clean_env(NGPUS=ngpus), cwd=str(ROOT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     lock = out / "train.lock"
