@@ -30,7 +30,10 @@ def load_checkpoint(path: str) -> dict:
     if not osp.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # memory-mapped: only the tensors used are read (a CPS teacher's file also holds branch b and momenta)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # a file in the legacy (non-zip) format cannot be mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickle garbage, ...
         raise RuntimeError(f"checkpoint {path} is corrupt or not a checkpoint of this project: {e}") from None
     if not isinstance(ckpt, dict) or not {"model", "network", "num_classes"} <= set(ckpt):

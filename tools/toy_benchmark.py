@@ -17,10 +17,13 @@ import argparse
 import json
 import os.path as osp
 import statistics
+import sys
 from typing import Dict, List
 
-from furnace.config import REPO_ROOT
-from furnace.toy import Stage, main_stages, run_stage, teacher_overrides
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the sibling tool toy_pipeline
+
+from furnace.config import REPO_ROOT  # noqa: E402
+from toy_pipeline import Stage, run_stage, student_stages, teacher_overrides, teacher_stages  # noqa: E402
 
 R18, MBV2 = "voc8.resnet18_deeplabv3plus", "voc8.mobilev2_deeplabv3plus"
 
@@ -31,7 +34,8 @@ def benchmark_stages() -> List[Stage]:
     the ablations."""
     fast = ["setting=fast"]
     return [
-        *main_stages(),
+        *teacher_stages(),
+        *student_stages(),
         Stage("ResNet-18 MGD, fast setting", R18, "mgd-fast", fast),
         Stage("fast, online teachers", R18, "mgd-fast-online", fast + ["teacher_labels=online"]),
         Stage("fast, online train-mode teachers", R18, "mgd-fast-online-trainbn",
@@ -39,8 +43,8 @@ def benchmark_stages() -> List[Stage]:
         Stage("fast, separate network calls", R18, "mgd-fast-separate", fast + ["network_calls=separate"]),
         Stage("fast, toggled CutMix boxes", R18, "mgd-fast-toggle", fast + ["cutmix_overlap=toggle"]),
         Stage("fast, per-GPU losses", R18, "mgd-fast-pergpu", fast + ["loss_scope=per_gpu"]),
-        Stage("MobileNet-v2 supervised", MBV2, "supervised", ["method=supervised"]),
-        Stage("MobileNet-v2 MGD", MBV2, "mgd"),
+        Stage("MobileNet-v2 supervised", MBV2, "mbv2-supervised", ["method=supervised"]),
+        Stage("MobileNet-v2 MGD", MBV2, "mbv2-mgd"),
         Stage("ResNet-18 MGD w/o pixel-level", R18, "mgd-no-pixel",
               ["pixel_unlabeled_weight=0", "pixel_labeled_weight=0"]),
         Stage("ResNet-18 MGD w/o image-level", R18, "mgd-no-semantic", ["semantic_weight=0"]),
