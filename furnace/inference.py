@@ -109,8 +109,8 @@ class Segmenter:
         """predict_probs with this segmenter's settings on a normalised (B,3,H,W) batch -> (B,C,H,W)."""
         return predict_probs(self.model, x.to(self.device), **self.options)
 
-    def _predict_many(self, images: List[np.ndarray]) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """(labels, probs) per image; images of one size go through the network together."""
+    def _predict_many(self, images: List[np.ndarray], want_probs: bool) -> List[Tuple[np.ndarray, Optional[np.ndarray]]]:
+        """(labels, probs or None) per image; images of one size go through the network together."""
         out: List[Optional[Tuple[np.ndarray, np.ndarray]]] = [None] * len(images)
         by_size: dict = {}
         for i, im in enumerate(images):
@@ -120,7 +120,7 @@ class Segmenter:
                 chunk = indices[k:k + self.max_batch]
                 p = self.probs_tensor(torch.cat([self.to_tensor(images[i]) for i in chunk]))
                 labels = p.argmax(1).to(torch.uint8).cpu().numpy()
-                p = p.float().cpu().numpy()
+                p = p.float().cpu().numpy() if want_probs else [None] * len(chunk)  # C floats a pixel: only on request
                 for j, i in enumerate(chunk):
                     out[i] = (labels[j], p[j])
         return out  # type: ignore[return-value]
@@ -132,12 +132,12 @@ class Segmenter:
         stacked = isinstance(images, np.ndarray) and images.ndim == 4
         single = not stacked and not isinstance(images, (list, tuple))
         batch = [self.as_rgb(im) for im in ([images] if single else list(images))]
-        results = self._predict_many(batch)
+        results = self._predict_many(batch, return_probs)
         labels, probs = [r[0] for r in results], [r[1] for r in results]
         if single:
             labels, probs = labels[0], probs[0]
         elif stacked:
-            labels, probs = np.stack(labels), np.stack(probs)
+            labels, probs = np.stack(labels), (np.stack(probs) if return_probs else None)
         return (labels, probs) if return_probs else labels
 
     # ---- pictures out ----------------------------------------------------------------------------------
