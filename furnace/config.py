@@ -332,7 +332,7 @@ def check(C: EasyDict) -> None:
          f"iters_per_epoch={C.iters_per_epoch!r} must be None or a positive int")
     need(isinstance(C.num_classes, int) and 1 < C.num_classes < 255, f"num_classes={C.num_classes!r}")
     need(C.class_names is not None and len(C.class_names) == C.num_classes,
-         f"class_names has {len(C.class_names)} names but num_classes={C.num_classes}")
+         f"class_names has {len(C.class_names or [])} names but num_classes={C.num_classes}")
     need(C.lr > 0, f"lr={C.lr!r} must be positive")
     need(C.output_stride in (8, 16, 32), f"output_stride={C.output_stride!r}; expected 8, 16 or 32")
     for key in ("sup_weight", "cps_weight", "pixel_unlabeled_weight", "pixel_labeled_weight",

@@ -1,4 +1,5 @@
-"""PASCAL VOC, Cityscapes and custom (your own folder, furnace/data/custom.py) segmentation datasets, up-front dataset checks and build_dataset(C, split).
+"""PASCAL VOC, Cityscapes and custom (your own folder, furnace/data/custom.py) segmentation datasets,
+up-front dataset checks and build_dataset(C, split).
 
 Indexing contract: ds[i] or ds[(i, rng_key)] with rng_key a tuple of non-negative ints. The augmentation
 of that sample is drawn only from np.random.default_rng(rng_key) (plain int i -> key (i,)), so it is a
