@@ -125,7 +125,7 @@ class Segmenter:
                     out[i] = (labels[j], p[j])
         return out  # type: ignore[return-value]
 
-    def predict(self, images, return_probs: bool = False):
+    def predict(self, images: Union[Image, Sequence[Image], np.ndarray], return_probs: bool = False):
         """Class indices of one image (HxWx3 uint8 RGB array or a file) -> HxW uint8; of a list of images ->
         a list; of a (B,H,W,3) array -> (B,H,W). With return_probs, (labels, probabilities) with
         probabilities CxHxW float32 (a list, or (B,C,H,W)), the mean softmax of the configured inference."""
