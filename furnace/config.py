@@ -40,7 +40,9 @@ SETTINGS = {
 
 
 def new_config(dataset: str, exp_file: str) -> EasyDict:
-    """Defaults shared by every experiment on `dataset` ('voc' or 'cityscapes')."""
+    """Defaults shared by every experiment on `dataset` ('voc', 'cityscapes' or 'custom': your own folder,
+    furnace/data/custom.py, whose num_classes, class_names and palette are read from the data root when the
+    config is resolved, so that they follow a data_root override)."""
     from furnace.data import CITYSCAPES_CLASS_NAMES, VOC_CLASS_NAMES
 
     exp_dir = osp.dirname(osp.abspath(exp_file))
@@ -63,8 +65,15 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
         C.num_classes = 19
         C.class_names = CITYSCAPES_CLASS_NAMES
         C.crop_size = 800
+    elif dataset == "custom":
+        C.data_root = "{root}/DATA/custom"
+        C.train_list = "{data_root}/lists/train.txt"
+        C.num_classes = None           # None: from {data_root}/classes.txt; a value given must agree with it
+        C.class_names = None
+        C.palette = None               # colours of the predictions; None: {data_root}/palette.txt if there is one
+        C.crop_size = 512
     else:
-        raise ValueError(f"unknown dataset {dataset!r}: expected 'voc' or 'cityscapes'")
+        raise ValueError(f"unknown dataset {dataset!r}: expected 'voc', 'cityscapes' or 'custom'")
     C.partition = 8                    # 1/partition of the training list is labeled
     C.labeled_list = "{data_root}/lists/labeled_1-{partition}.txt"
     C.unlabeled_list = "{data_root}/lists/unlabeled_1-{partition}.txt"
@@ -198,6 +207,8 @@ def resolve(C: EasyDict, overrides: Iterable[Tuple[str, str, str]] = ()) -> Easy
     C, origins = _apply(C, overrides)
     settings.check_settings(C, origins)  # types and ranges, before any placeholder or file is used
     base, _ = _apply(EasyDict(dict(own), method=C.method))  # the experiment's own settings, for {run}
+    _dataset_classes(C)
+    _dataset_classes(base, fallback=C)
 
     # Fill placeholders; data_root and output_dir first since others refer to them. output_dir's {run}
     # names the run from its identity (furnace/run.py), compared with the experiment's own settings.
@@ -231,6 +242,33 @@ def _apply(C: EasyDict, overrides: Iterable[Tuple[str, str, str]] = ()) -> Tuple
         if C[key] is None:
             C[key] = value
     return C, origins
+
+
+def _dataset_classes(C: EasyDict, fallback: Optional[EasyDict] = None) -> None:
+    """A custom dataset's num_classes, class_names and palette from its data root (furnace/data/custom.py),
+    where C leaves them at None; a value C gives must agree with the files. `fallback`: the resolved config
+    whose values to take when C's data root has no class-name file (the experiment's own data_root, when
+    the run overrides it, need not exist)."""
+    if C.dataset != "custom":
+        return
+    from furnace.data.custom import dataset_classes
+    root = _fill_identity(C, names_only=True)["data_root"]
+    try:
+        found = dataset_classes(root)
+    except FileNotFoundError:
+        if fallback is None:
+            raise FileNotFoundError(f"config: dataset='custom' reads its classes from {root}/classes.txt, "
+                                    "which does not exist: prepare the folder with tools/prepare_custom.py, "
+                                    "or set data_root") from None
+        found = {k: fallback[k] for k in ("num_classes", "class_names", "palette")}
+    except ValueError as e:
+        raise ValueError(f"config: dataset='custom': {e}") from None
+    for key, value in found.items():
+        if C[key] is None:
+            C[key] = value
+        elif key != "palette" and C[key] != value and fallback is None:
+            raise ValueError(f"config: {key}={C[key]!r} but {root} has {value!r} (classes.txt); "
+                             f"leave {key} unset to take the data's")
 
 
 def _fill_identity(C: EasyDict, names_only: bool = False):
@@ -293,8 +331,8 @@ def check(C: EasyDict) -> None:
     need(C.iters_per_epoch is None or (isinstance(C.iters_per_epoch, int) and C.iters_per_epoch > 0),
          f"iters_per_epoch={C.iters_per_epoch!r} must be None or a positive int")
     need(isinstance(C.num_classes, int) and 1 < C.num_classes < 255, f"num_classes={C.num_classes!r}")
-    need(len(C.class_names) == C.num_classes,
-         f"class_names has {len(C.class_names)} names but num_classes={C.num_classes}")
+    need(C.class_names is not None and len(C.class_names) == C.num_classes,
+         f"class_names has {len(C.class_names or [])} names but num_classes={C.num_classes}")
     need(C.lr > 0, f"lr={C.lr!r} must be positive")
     need(C.output_stride in (8, 16, 32), f"output_stride={C.output_stride!r}; expected 8, 16 or 32")
     for key in ("sup_weight", "cps_weight", "pixel_unlabeled_weight", "pixel_labeled_weight",

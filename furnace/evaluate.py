@@ -25,7 +25,7 @@ from furnace.checkpoint import load_segmentor
 from furnace.config import config_from_cli
 from furnace.distributed import init_distributed
 from furnace.metrics import confusion_matrix, format_results, iou_per_class, mean_iou, pixel_accuracy
-from furnace.visualize import get_palette, save_label_png
+from furnace.visualize import config_palette, get_palette, save_label_png
 
 
 # ----------------------------------------------------------------------------------------------- inference
@@ -137,12 +137,13 @@ def _cfg(C, key, default=None):
 
 
 # ------------------------------------------------------------------------------------------------ datasets
-def save_prediction(save_path: str, name: str, pred: np.ndarray, dataset: str) -> None:
+def save_prediction(save_path: str, name: str, pred: np.ndarray, dataset: str, palette=None) -> None:
     """save_path/label/NAME.png: raw class indices (Cityscapes: train ids), single channel;
-    save_path/color/NAME.png: the same indices as a 'P' PNG carrying the dataset's palette."""
+    save_path/color/NAME.png: the same indices as a 'P' PNG carrying `palette` (default: the dataset's)."""
     base = os.path.basename(str(name))
     save_label_png(os.path.join(save_path, "label", base + ".png"), pred)
-    save_label_png(os.path.join(save_path, "color", base + ".png"), pred, get_palette(dataset))
+    save_label_png(os.path.join(save_path, "color", base + ".png"), pred,
+                   get_palette(dataset) if palette is None else palette)
 
 
 @torch.no_grad()
@@ -171,7 +172,7 @@ def evaluate_dataset(model, dataset, C, device, rank: int = 0, world: int = 1, s
         pred = predict_probs(model, image, **opts).argmax(1)[0]
         conf += confusion_matrix(pred, label, n)
         if save_path:
-            save_prediction(save_path, sample["name"], pred.cpu().numpy(), _cfg(C, "dataset", "voc"))
+            save_prediction(save_path, sample["name"], pred.cpu().numpy(), _cfg(C, "dataset", "voc"), config_palette(C))
     model.train(was_training)
     if world > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(conf, op=dist.ReduceOp.SUM)

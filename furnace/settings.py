@@ -88,11 +88,19 @@ def names_list(v) -> Optional[str]:
     return "must be a list of strings"
 
 
+def palette(v) -> Optional[str]:
+    if isinstance(v, (list, tuple)) and v and all(
+            isinstance(c, (list, tuple)) and len(c) == 3 and all(_is_int(x) and 0 <= x <= 255 for x in c) for c in v):
+        return None
+    return "must be a list of [R, G, B] colours with values 0..255"
+
+
 RULES: Dict[str, Check] = {
     "exp_name": text, "exp_dir": text, "seed": integer(0, 2 ** 63 - 1),
     # data
-    "dataset": one_of("voc", "cityscapes"), "data_root": text, "train_list": text, "labeled_list": text,
-    "unlabeled_list": text, "val_list": text, "num_classes": integer(2, 254), "class_names": names_list,
+    "dataset": one_of("voc", "cityscapes", "custom"), "data_root": text, "train_list": text, "labeled_list": text,
+    "unlabeled_list": text, "val_list": text, "num_classes": optional(integer(2, 254)), "class_names": optional(names_list),
+    "palette": optional(palette),  # (custom datasets: None there is read from the data root)
     "crop_size": size, "partition": integer(1), "train_scales": numbers_list(positive=True),
     "image_mean": numbers_list(3), "image_std": numbers_list(3, positive=True), "num_workers": integer(0),
     # network and method

@@ -22,16 +22,25 @@ def full_palette(palette) -> np.ndarray:
 
 
 def get_palette(dataset: str) -> np.ndarray:
-    """(256,3) palette of a dataset: the VOC colour map for 'voc', the official Cityscapes train-id colours for
-    'cityscapes' (ids 19..255 black)."""
+    """(256,3) palette of a dataset: the VOC colour map for 'voc' (and for 'custom', whose own colours are the
+    config's `palette`: config_palette), the official Cityscapes train-id colours for 'cityscapes' (ids
+    19..255 black)."""
     dataset = {"pascal_voc": "voc", "city": "cityscapes"}.get(str(dataset).lower(), str(dataset).lower())
-    if dataset == "voc":
+    if dataset in ("voc", "custom"):
         from furnace.data.palette import VOC_PALETTE
         return full_palette(VOC_PALETTE)
     if dataset == "cityscapes":
         from furnace.data.cityscapes_labels import CITYSCAPES_PALETTE
         return full_palette(CITYSCAPES_PALETTE)
-    raise ValueError(f"unknown dataset {dataset!r} for a palette (expected 'voc' or 'cityscapes')")
+    raise ValueError(f"unknown dataset {dataset!r} for a palette (expected 'voc', 'cityscapes' or 'custom')")
+
+
+def config_palette(C) -> np.ndarray:
+    """(256,3) palette of a config (or a checkpoint's config dict): its `palette` when set (custom datasets),
+    else its dataset's."""
+    get = C.get if hasattr(C, "get") else lambda k, d=None: getattr(C, k, d)
+    colours = get("palette", None)
+    return full_palette(colours) if colours is not None else get_palette(get("dataset", None) or "voc")
 
 
 def colorize(label, palette) -> np.ndarray:

@@ -49,12 +49,14 @@ def finished(toy, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------- settings
-def test_every_setting_has_a_type_and_range_rule():
-    for dataset in ("voc", "cityscapes"):
+def test_every_setting_has_a_type_and_range_rule(tmp_path):
+    for dataset in ("voc", "cityscapes", "custom"):
         missing = sorted(set(new_config(dataset, str(EXP / "config.py"))) - set(RULES))
         assert not missing, f"keys of new_config without a rule in furnace/settings.py RULES: {missing}"
+    (tmp_path / "classes.txt").write_text("a\nb\n")  # a custom dataset's classes are read from its folder
     for config in sorted(ROOT.glob("exp.*/*/config.py")):  # every experiment's own settings pass
-        resolve(exp_config(config.parent))
+        C = exp_config(config.parent)
+        resolve(C, collect_overrides(pairs=[f"data_root={tmp_path}"] if C.dataset == "custom" else []))
 
 
 BAD = [("lr=abc", "lr='abc' must be a number"), ("lr=0", "lr=0 must be > 0"), ("lr=True", "lr=True"),

@@ -64,14 +64,14 @@ def load_images(images, max_images, mean, std) -> list[torch.Tensor]:
     """The first max_images image files among `images` (files / folders), normalised, as (1,3,H,W) tensors."""
     from pathlib import Path
 
-    from furnace.data import normalize, read_image
+    from furnace.inference import image_tensor
     files = []
     for item in map(Path, images):
         files += sorted(p for p in item.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"}) if item.is_dir() \
             else [item]
     if not files:
         raise FileNotFoundError(f"no images in {images}")
-    return [torch.from_numpy(normalize(read_image(f), mean, std)).permute(2, 0, 1)[None] for f in files[:max_images]]
+    return [image_tensor(f, mean, std) for f in files[:max_images]]  # furnace.inference's normalisation
 
 
 def main(argv=None) -> int:
@@ -92,11 +92,9 @@ def main(argv=None) -> int:
     from furnace.data import IMAGENET_MEAN, IMAGENET_STD
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if args.checkpoint:
-        from furnace.checkpoint import load_checkpoint, segmentor_from_checkpoint
-        ckpt = load_checkpoint(args.checkpoint)
-        model = segmentor_from_checkpoint(ckpt, args.checkpoint).eval()
-        cfg = ckpt.get("config") or {}
-        mean, std = cfg.get("image_mean") or mean, cfg.get("image_std") or std
+        from furnace.inference import Segmenter
+        seg = Segmenter.from_checkpoint(args.checkpoint, device="cpu")  # the network and normalisation predict.py uses
+        model, mean, std = seg.model, seg.mean, seg.std
     else:
         from furnace.models import build_segmentor
         torch.manual_seed(0)

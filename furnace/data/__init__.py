@@ -1,7 +1,7 @@
-"""Data: image/label IO, VOC and Cityscapes datasets, transforms, CutMix box masks, palettes, splits."""
+"""Data: image/label IO, VOC, Cityscapes and custom datasets, transforms, CutMix box masks, palettes, splits."""
 from .cityscapes_labels import CITYSCAPES_CLASS_NAMES, CITYSCAPES_PALETTE, label_ids_to_train_ids
 from .cutmix import cutmix_box_mask
-from .datasets import (CityscapesDataset, DatasetError, SegmentationDataset, VOCDataset, build_dataset,
+from .datasets import (CityscapesDataset, CustomDataset, DatasetError, SegmentationDataset, VOCDataset, build_dataset,
                        check_dataset)
 from .io import image_size, read_image, read_label, write_label
 from .palette import VOC_PALETTE, voc_palette
@@ -15,7 +15,7 @@ VOC_CLASS_NAMES = [
 
 __all__ = [
     "read_image", "read_label", "write_label", "image_size",
-    "VOCDataset", "CityscapesDataset", "SegmentationDataset", "DatasetError", "build_dataset", "check_dataset",
+    "VOCDataset", "CityscapesDataset", "CustomDataset", "SegmentationDataset", "DatasetError", "build_dataset", "check_dataset",
     "TrainTransform", "ValTransform", "normalize", "IMAGENET_MEAN", "IMAGENET_STD", "IGNORE_INDEX",
     "cutmix_box_mask",
     "VOC_PALETTE", "voc_palette", "CITYSCAPES_PALETTE", "VOC_CLASS_NAMES", "CITYSCAPES_CLASS_NAMES",

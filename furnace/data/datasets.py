@@ -1,4 +1,5 @@
-"""PASCAL VOC and Cityscapes segmentation datasets, up-front dataset checks and build_dataset(C, split).
+"""PASCAL VOC, Cityscapes and custom (your own folder, furnace/data/custom.py) segmentation datasets,
+up-front dataset checks and build_dataset(C, split).
 
 Indexing contract: ds[i] or ds[(i, rng_key)] with rng_key a tuple of non-negative ints. The augmentation
 of that sample is drawn only from np.random.default_rng(rng_key) (plain int i -> key (i,)), so it is a
@@ -8,11 +9,12 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
 
+from . import custom
 from .cityscapes_labels import LABEL_ID_TO_TRAIN_ID
 from .io import image_size, read_image, read_label
 from .splits import read_list
@@ -31,7 +33,9 @@ class SegmentationDataset(Dataset):
     label file becomes class indices."""
 
     def __init__(self, root, list_file, mode: str = "labeled", num_classes: int = 21,
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, names: Optional[Sequence[str]] = None):
+        """names: the items themselves instead of reading list_file (which then only names them in
+        messages), for checking files before any list is written."""
         if mode not in MODES:
             raise ValueError(f"dataset mode must be one of {MODES}, got {mode!r}")
         if num_classes < 1:
@@ -40,7 +44,7 @@ class SegmentationDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"dataset root not found: {self.root}")
         self.list_file = Path(list_file)
-        self.names: List[str] = [self._parse_name(n) for n in read_list(self.list_file)]
+        self.names: List[str] = [self._parse_name(n) for n in (read_list(self.list_file) if names is None else names)]
         self.mode, self.num_classes = mode, int(num_classes)
         # no transform given: normalise only (the val transform), whatever the mode
         self.transform = transform if transform is not None else ValTransform()
@@ -196,6 +200,21 @@ class CityscapesDataset(SegmentationDataset):
         return LABEL_ID_TO_TRAIN_ID[raw]
 
 
+class CustomDataset(SegmentationDataset):
+    """Your own folder (furnace/data/custom.py): root/images/NAME.jpg|.jpeg|.png, root/labels/NAME.png
+    (index or palette PNG: its indices are the classes); list entries are NAMEs, or image paths."""
+
+    def _parse_name(self, line: str) -> str:
+        return custom.name_of(line)
+
+    def image_path(self, name: str) -> Path:
+        # the path to report when no image exists: the first extension's
+        return custom.image_file(self.root, name) or self.root / custom.IMAGE_DIR / f"{name}{custom.IMAGE_EXTENSIONS[0]}"
+
+    def label_path(self, name: str) -> Path:
+        return self.root / custom.LABEL_DIR / f"{name}.png"
+
+
 def _check_item(ds: SegmentationDataset, name: str, check_labels: bool, decode_images: bool = True) -> Optional[str]:
     """The problem with one item as a message naming the file, or None."""
     try:
@@ -252,7 +271,7 @@ def _resolve_list(data_root: Path, list_file) -> Path:
 
 
 def build_dataset(C, split: str) -> SegmentationDataset:
-    """Dataset for split 'labeled' | 'unlabeled' | 'val' from config keys C.dataset ('voc' | 'cityscapes'),
+    """Dataset for split 'labeled' | 'unlabeled' | 'val' from config keys C.dataset ('voc' | 'cityscapes' | 'custom'),
     C.data_root, C.labeled_list / C.unlabeled_list / C.val_list, C.num_classes, C.crop_size (int or (h, w)),
     C.train_scales, C.image_mean, C.image_std (0..1 RGB; ImageNet by default).
     Train splits get TrainTransform (flip, scale, normalise, crop), val gets normalisation only."""
@@ -273,4 +292,6 @@ def build_dataset(C, split: str) -> SegmentationDataset:
         return VOCDataset(root, list_file, split, num_classes, transform)
     if kind in ("cityscapes", "city"):
         return CityscapesDataset(root, list_file, split, num_classes, transform)
-    raise ValueError(f"config dataset must be 'voc' or 'cityscapes', got {kind!r}")
+    if kind == "custom":
+        return CustomDataset(root, list_file, split, num_classes, transform)
+    raise ValueError(f"config dataset must be 'voc', 'cityscapes' or 'custom', got {kind!r}")

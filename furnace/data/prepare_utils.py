@@ -524,10 +524,10 @@ class PublishedLists:
     train_list: str  # file name of the published training list, e.g. 'train_aug.txt'
 
 
-def shipped_published(dataset: str) -> PublishedLists:
-    """The shipped published lists of 'pascal_voc' or 'cityscapes'."""
+def shipped_published(dataset: str) -> Optional[PublishedLists]:
+    """The shipped published lists of 'pascal_voc' or 'cityscapes'; None for any other dataset."""
     return {"pascal_voc": PublishedLists(PUBLISHED_ROOT / "voc", "train_aug.txt"),
-            "cityscapes": PublishedLists(PUBLISHED_ROOT / "cityscapes", "train.txt")}[dataset]
+            "cityscapes": PublishedLists(PUBLISHED_ROOT / "cityscapes", "train.txt")}.get(dataset)
 
 
 @dataclass
@@ -822,8 +822,8 @@ def write_lists_and_partitions(list_dir: Path, lists: Mapping[str, Sequence[str]
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def add_common_args(parser: argparse.ArgumentParser, out_default: str, expect_train: int, expect_val: int) -> None:
-    parser.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+def add_partition_args(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the partitions (PartitionChoice), shared by every preparer."""
     parser.add_argument("--partition-source", choices=SOURCES, default="auto",
                         help="auto (default): the published partitions shipped with the project when the "
                              "training list is the published one, else seeded ones; published: the shipped "
@@ -838,6 +838,11 @@ def add_common_args(parser: argparse.ArgumentParser, out_default: str, expect_tr
                         help="seed of generated partitions (default 0; giving it asks for seeded partitions)")
     parser.add_argument("--partitions", type=int, nargs="+", default=list(PARTITIONS),
                         help="denominators d of the 1/d labeled partitions (default 16 8 4 2)")
+
+
+def add_common_args(parser: argparse.ArgumentParser, out_default: str, expect_train: int, expect_val: int) -> None:
+    parser.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+    add_partition_args(parser)
     parser.add_argument("--expect-train", type=int, default=expect_train,
                         help=f"expected training images (default {expect_train}; -1 skips the check)")
     parser.add_argument("--expect-val", type=int, default=expect_val,
