@@ -186,7 +186,7 @@ def test_val_transform_normalises_only():
 
 # ---- CutMix ----------------------------------------------------------------------------------------------
 def _reference_union_fraction(n_samples, n_boxes, h, w, rng):
-    """Covered fraction by the ALGORITHM.md recipe, written independently with numpy."""
+    """Covered fraction by the recipe of docs/method.md, "CutMix", written independently with numpy."""
     fr = []
     for _ in range(n_samples):
         m = np.zeros((h, w), bool)

@@ -8,7 +8,7 @@ Counting: torch.utils.flop_counter.FlopCounterMode, on 'meta' tensors (shapes on
 even ResNet-101 at 512x512 takes about a second). Its convention: FLOPs = 2 x multiply-accumulates (MACs) of
 convolutions and matrix products; BatchNorm, activations, pooling, additions and bilinear resizing count 0.
 Papers usually print MACs under the name "FLOPs", so MACs (= FLOPs / 2) are given too. Input 1x3xSIZExSIZE,
-networks exactly as trained (output stride 16, deep stems of ALGORITHM.md), eval mode.
+networks exactly as trained (output stride 16, deep stems: docs/method.md, "Networks"), eval mode.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from furnace.flops import count_flops, measure
 NETWORKS = [("resnet18", "student"), ("mobilenet_v2", "student"),
             ("resnet101", "teacher T_D (deep)"), ("wide_resnet50_2", "teacher T_W (wide)")]
 STUDENTS, TEACHERS = ["resnet18", "mobilenet_v2"], ["resnet101", "wide_resnet50_2"]
-# ALGORITHM.md "Headline claims": backbone FLOPs compression of the students against the two teachers
+# the paper's abstract (docs/method.md, "Networks", cost): backbone FLOPs compression of the students
+# against the two teachers
 PAPER_BACKBONE_RATIOS = {"resnet18": (3.4, 5.3), "mobilenet_v2": (38.7, 59.6)}
 
 

@@ -1,4 +1,4 @@
-"""Box masks for CutMix on unlabeled images (the recipe of CPS / French et al., see ALGORITHM.md)."""
+"""Box masks for CutMix on unlabeled images (the recipe of CPS / French et al., see docs/method.md, "CutMix")."""
 import math
 from typing import Optional, Tuple
 

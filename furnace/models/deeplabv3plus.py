@@ -98,7 +98,7 @@ class DeepLabV3Plus(nn.Module):
         return logits
 
 
-# network preset -> DeepLabV3Plus backbone options (ALGORITHM.md "Networks").
+# network preset -> DeepLabV3Plus backbone options (docs/method.md, "Networks").
 SEGMENTOR_PRESETS: Dict[str, dict] = {
     "resnet18": dict(backbone="resnet18", deep_stem=True, stem_width=32),      # student
     "mobilenet_v2": dict(backbone="mobilenet_v2"),                               # student
