@@ -2,7 +2,8 @@
 (one process or several under torchrun), checkpoint ranges, result tables, logs and saved predictions.
 
 Inference returns class *probabilities*: windows, scales and flips are combined by averaging softmax
-probabilities (not logits), as the published evaluation does; the final label is their argmax.
+probabilities (the published evaluation averages its windows; this project averages probabilities, listed
+among its departures in README "Faithfulness to the paper"); the final label is their argmax.
 Every experiment's eval.py is `from config import C; from furnace.evaluate import main; main(C)`.
 """
 from __future__ import annotations

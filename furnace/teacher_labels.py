@@ -1,7 +1,7 @@
 """Offline teachers: each frozen teacher's pseudo-label of every training image, computed once and reused.
 
 Online (C.teacher_labels = 'online', as published), every MGD step runs both teachers on u0, u1 and x_l just
-to take an argmax, about three quarters of all teacher work. Offline (the default) the trainer first predicts every
+to take an argmax, about three quarters of all teacher work. Offline (setting=fast) the trainer first predicts every
 training image once per teacher (whole image, scale 1, the evaluation's sliding windows; C.eval_*), stores
 the argmax as a PNG, and the datasets load those maps beside each image and put them through the same flip,
 scale (nearest) and crop as the image, exactly as they do ground-truth labels. Teachers then only run on the
