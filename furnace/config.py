@@ -144,6 +144,10 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.eval_stride_rate = 2 / 3
     C.eval_scales = [1.0]
     C.eval_flip = False
+    # validation during training (furnace/engine.py: the evaluation above, on the model being trained)
+    C.val_every = None                 # epochs between validations and always after the last; None: about 5
+                                       # per run (ceil(epochs / 5)); 0: off
+    C.val_images = None                # validate on this many val images, spread over the list (None: all)
     return C
 
 
@@ -286,6 +290,10 @@ def check(C: EasyDict) -> None:
          f"teacher_int8_min_agreement={C.teacher_int8_min_agreement!r} must be in [0, 1]")
     for key in ("teacher_calibration_images", "teacher_check_images"):
         need(isinstance(C[key], int) and C[key] > 0, f"{key}={C[key]!r} must be a positive int")
+    need(C.val_every is None or (isinstance(C.val_every, int) and C.val_every >= 0),
+         f"val_every={C.val_every!r} must be None (about 5 validations per run), 0 (off) or a positive int")
+    need(C.val_images is None or (isinstance(C.val_images, int) and C.val_images > 0),
+         f"val_images={C.val_images!r} must be None (the whole val list) or a positive int")
     need(C.eval_mode in ("sliding", "whole"), f"eval_mode={C.eval_mode!r}; expected 'sliding' or 'whole'")
     need(C.device in ("auto", "cpu", "cuda"), f"device={C.device!r}; expected 'auto', 'cpu' or 'cuda'")
     need(isinstance(C.batch_size, int) and C.batch_size > 0, f"batch_size={C.batch_size!r} must be a positive int")

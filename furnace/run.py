@@ -3,7 +3,7 @@
 A run's *identity* is the part of its resolved config that decides what it computes: data, lists, network,
 method, teachers, loss weights, schedule, seed, precision... Not where it writes (output_dir,
 teacher_label_dir), how fast or where it runs (num_workers, device, channels_last), how often it saves or
-logs, or how it is evaluated (val_list, eval_*): `IDENTITY_EXCLUDED` lists those; every other key is
+logs, or how it is evaluated (val_list, eval_*, val_every, val_images): `IDENTITY_EXCLUDED` lists those; every other key is
 identity, new keys included.
 
 Each identity has its own folder: the config's default `output_dir = {exp_dir}/output/{run}` names it
@@ -43,7 +43,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 IDENTITY_EXCLUDED = frozenset({
     "exp_name", "exp_dir", "output_dir", "teacher_label_dir", "num_workers", "device", "channels_last",
     "save_every", "save_every_iters", "log_every", "val_list",
-    "eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scales", "eval_flip"})
+    "eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scales", "eval_flip", "val_every", "val_images"})
 RUN_FILE = "run.json"
 LOCK_FILE = "train.lock"
 

@@ -123,6 +123,8 @@ RULES: Dict[str, Check] = {
     # evaluation
     "eval_mode": one_of("sliding", "whole"), "eval_crop_size": size,
     "eval_stride_rate": number(0, 1, lo_open=True), "eval_scales": numbers_list(positive=True), "eval_flip": boolean,
+    # validation during training
+    "val_every": optional(integer(0)), "val_images": optional(integer(1)),
 }
 
 

@@ -65,13 +65,14 @@ def toy_root(tmp_path_factory) -> Path:
 
 def overrides(data_root, output_dir, **changes) -> List[str]:
     """key=value arguments of a tiny toy run: MobileNet-v2 nets, crop 32, batch 2, 2 epochs of 2 steps, fp32,
-    evaluation (and offline teacher labels) in 48x48 windows."""
+    evaluation (and offline teacher labels) in 48x48 windows, no validation during training."""
     values = dict(data_root=str(data_root), num_classes=NUM_CLASSES, class_names=TOY_CLASSES, pretrained=None,
                   crop_size=32, eval_crop_size=48, train_scales=[0.75, 1.0], batch_size=2, epochs=2,
                   iters_per_epoch=2, lr=0.01,
                   num_workers=0, amp="off", save_every=1, log_every=1, device="cpu", output_dir=str(output_dir),
                   teacher_deep_network="mobilenet_v2", teacher_wide_network="mobilenet_v2",
-                  teacher_precision="amp")  # int8 teachers: tests/test_quantize.py
+                  teacher_precision="amp",  # int8 teachers: tests/test_quantize.py
+                  val_every=0)  # validation during training costs more than these runs: tests/test_validation.py
     values.update(changes)
     return [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in values.items()]
 
