@@ -238,7 +238,12 @@ def float64_everywhere():
     """Train in float64: parameters (default dtype), batches, and the float32 upcasts in losses and BatchNorm."""
     import torch
     import furnace.engine
+    import furnace.evaluate
     dtype, to_float, batches = torch.get_default_dtype(), torch.Tensor.float, furnace.engine.Trainer._batches
+    predict = furnace.evaluate.predict_probs
+
+    def float64_predict(model, image, **kwargs):  # validation during training: images in the model's dtype
+        return predict(model, image.double(), **kwargs)
 
     def keep_float64(self, *args, **kwargs):
         return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
@@ -249,12 +254,14 @@ def float64_everywhere():
     torch.set_default_dtype(torch.float64)
     torch.Tensor.float = keep_float64
     furnace.engine.Trainer._batches = float64_batches
+    furnace.evaluate.predict_probs = float64_predict
     try:
         yield
     finally:
         torch.set_default_dtype(dtype)
         torch.Tensor.float = to_float
         furnace.engine.Trainer._batches = batches
+        furnace.evaluate.predict_probs = predict
 
 
 def _driver(argv: List[str]) -> None:
