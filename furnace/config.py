@@ -120,6 +120,8 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
 
     # optimisation (batch and lr are global: the lr written here is the lr used, whatever the GPU count)
     C.batch_size = 8                   # labeled images per step over all processes; unlabeled the same
+    C.accum_steps = 1                  # gradient accumulation: each process computes its share of the batch in
+                                       # this many micro-batches (BatchNorm statistics per micro-batch; README)
     C.lr = 0.01
     C.momentum = 0.9
     C.weight_decay = 1e-4
@@ -297,6 +299,9 @@ def check(C: EasyDict) -> None:
     need(C.eval_mode in ("sliding", "whole"), f"eval_mode={C.eval_mode!r}; expected 'sliding' or 'whole'")
     need(C.device in ("auto", "cpu", "cuda"), f"device={C.device!r}; expected 'auto', 'cpu' or 'cuda'")
     need(isinstance(C.batch_size, int) and C.batch_size > 0, f"batch_size={C.batch_size!r} must be a positive int")
+    need(isinstance(C.accum_steps, int) and C.accum_steps > 0, f"accum_steps={C.accum_steps!r} must be a positive int")
+    need(C.batch_size % C.accum_steps == 0 if isinstance(C.accum_steps, int) and C.accum_steps > 0 else True,
+         f"accum_steps={C.accum_steps} does not divide batch_size={C.batch_size}")
     need(isinstance(C.epochs, int) and C.epochs > 0, f"epochs={C.epochs!r} must be a positive int")
     need(C.iters_per_epoch is None or (isinstance(C.iters_per_epoch, int) and C.iters_per_epoch > 0),
          f"iters_per_epoch={C.iters_per_epoch!r} must be None or a positive int")

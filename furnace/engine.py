@@ -12,7 +12,9 @@ import logging
 import math
 import os
 import os.path as osp
+import resource
 import time
+from contextlib import nullcontext
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -89,6 +91,27 @@ def cutmix_masks(C: EasyDict, info: DistInfo, iteration: int) -> torch.Tensor:
     masks = cutmix_box_mask(C.batch_size, h, w, generator=torch.Generator().manual_seed(seed),
                             toggle_overlaps=C.cutmix_overlap == "toggle")
     return masks[info.rank::info.world_size]
+
+
+def micro_batches(n: int, group: int, accum: int) -> List[torch.Tensor]:
+    """Indices cutting a process batch of n images into `accum` micro-batches (gradient accumulation), each
+    made of whole groups of `group` images (image j is in group j mod n // group, as furnace.methods.per_gpu_mean
+    groups them) and ordered so that per_gpu_mean finds the same groups in the micro-batch.
+
+    Micro-batch m holds the process's groups m * q ... (m + 1) * q - 1 (q = groups per micro-batch). The
+    sampler deals global groups to processes in turn, so over all processes micro-batch m holds global groups
+    m * Q ... (m + 1) * Q - 1 whatever the process count: BatchNorm (synchronised across processes) normalises
+    the same images in 1 and N processes. With group 1 (loss_scope='global') it is the m-th contiguous slice."""
+    k = n // group
+    q = k // accum
+    return [torch.tensor([m * q + g + k * t for t in range(group) for g in range(q)]) for m in range(accum)]
+
+
+def peak_memory(device: torch.device) -> str:
+    """This process's peak memory so far: CUDA memory allocated by tensors, or on CPU the peak resident set."""
+    if device.type == "cuda":
+        return f"peak_mem={torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f}MiB(cuda)"
+    return f"peak_mem={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MiB(rss)"  # KiB on Linux
 
 
 def build_datasets(C: EasyDict) -> Dict[str, Dataset]:
@@ -270,6 +293,13 @@ class Trainer:
                              f"images, and {self.info.world_size} processes hold {C.batch_size // self.info.world_size} "
                              f"each (batch_size={C.batch_size}); use a process count that divides "
                              f"{C.batch_size // C.gpu_batch}, or loss_scope='global'")
+        per_process = C.batch_size // self.info.world_size
+        group = C.gpu_batch if C.loss_scope == "per_gpu" else 1
+        if (per_process // group) % C.accum_steps:
+            raise ValueError(f"config: accum_steps={C.accum_steps} must divide the {per_process // group} "
+                             + (f"per-GPU groups of gpu_batch={C.gpu_batch} images " if group > 1 else "images ")
+                             + f"each of the {self.info.world_size} processes holds (batch_size={C.batch_size}): "
+                             f"every micro-batch holds whole groups; use an accum_steps that divides it")
         C.amp = resolve_amp(C.amp, self.info.device)
         if C.amp == "fp16" and self.info.device.type != "cuda":
             raise ValueError("config: amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
@@ -471,10 +501,7 @@ class Trainer:
                 batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
                 if C.method != "supervised":
                     batch["mask"] = cutmix_masks(C, info, it).to(info.device)
-                loss, terms = self._step(batch)
-                values = self.last_losses = self._check_finite(loss, terms, it)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
+                values = self.last_losses = self._forward_backward(batch, it)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 bar.update()
@@ -490,13 +517,38 @@ class Trainer:
             self.train_seconds += time.time() - start
             if info.is_main:
                 self.log.info(f"epoch {self.epoch}/{C.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in values.items())
-                              + f" lr={lr:.6f} time={time.time() - start:.1f}s")
+                              + f" lr={lr:.6f} time={time.time() - start:.1f}s {peak_memory(info.device)}")
             if self.val_every and (self.epoch % self.val_every == 0 or self.epoch == C.epochs):
                 self._validate(writer if info.is_main else None)
             self._save()
         if info.is_main:
             writer.close()
         return self.summary()
+
+    def _forward_backward(self, batch: Dict[str, torch.Tensor], it: int) -> Dict[str, float]:
+        """The step's gradient, in C.accum_steps micro-batches (micro_batches) whose gradients add up: each
+        micro-batch's loss is divided by accum_steps, and DDP averages across processes only after the last.
+        Returns the loss terms averaged over processes and micro-batches; a non-finite one stops before any
+        update."""
+        accum = self.C.accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        if accum == 1:
+            loss, terms = self._step(batch)
+            values = self._check_finite(loss, terms, it)
+            self.scaler.scale(loss).backward()
+            return values
+        n = next(iter(batch.values())).shape[0]
+        group = self.C.gpu_batch if self.C.loss_scope == "per_gpu" else 1
+        total: Dict[str, float] = {}
+        for m, index in enumerate(micro_batches(n, group, accum)):
+            micro = {k: v[index.to(v.device)] for k, v in batch.items()}
+            last = m == accum - 1
+            with nullcontext() if last or not self.info.distributed else self.step_model.no_sync():
+                loss, terms = self._step(micro)
+                values = self._check_finite(loss, terms, it)
+                self.scaler.scale(loss / accum).backward()
+            total = {k: total.get(k, 0.0) + v / accum for k, v in values.items()}
+        return total
 
     def _validate(self, writer) -> dict:
         """The configured evaluation (furnace.evaluate: sliding windows, every process its share of the images)

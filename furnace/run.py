@@ -47,6 +47,9 @@ IDENTITY_EXCLUDED = frozenset({
     "exp_name", "exp_dir", "output_dir", "teacher_label_dir", "num_workers", "device", "channels_last",
     "save_every", "save_every_iters", "log_every", "val_list",
     "eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scales", "eval_flip", "val_every", "val_images"})
+# Identity keys added after runs were recorded, with the value that computes what those runs computed: a
+# recorded identity without one of them is read with that value (an old run's folder stays its own).
+ADDED_KEYS = {"accum_steps": 1}
 RUN_FILE = "run.json"
 LOCK_FILE = "train.lock"
 
@@ -111,7 +114,7 @@ def recorded_identity(output_dir: str) -> Tuple[Optional[Dict[str, object]], Opt
     path = osp.join(output_dir, RUN_FILE)
     if osp.isfile(path):
         with open(path) as f:
-            return json.load(f)["identity"], path, ()
+            return {**ADDED_KEYS, **json.load(f)["identity"]}, path, ()
     ckpts = checkpoints(output_dir)
     if ckpts:
         from furnace.checkpoint import load_checkpoint
@@ -119,7 +122,7 @@ def recorded_identity(output_dir: str) -> Tuple[Optional[Dict[str, object]], Opt
         path = last if last in ckpts else ckpts[-1]
         config = load_checkpoint(path).get("config")
         if config:
-            return identity(config), path, ("amp",)
+            return {**ADDED_KEYS, **identity(config)}, path, ("amp",)
     return None, None, ()
 
 
