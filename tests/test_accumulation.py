@@ -74,3 +74,34 @@ def test_accumulated_run_is_the_same_on_one_and_two_processes(toy, tmp_path):
     assert all(one["model"][k].item() == 2 * plain["model"][k].item() == 6 for k in tracked)
     log = (tmp_path / "p1a2" / "train.log").read_text()
     assert re.search(r"epoch 1/1 .* peak_mem=\d+MiB\(rss\)", log)
+
+
+@pytest.mark.parametrize("loss_scope,gpu_batch,accum", [("per_gpu", 2, 2), ("per_gpu", 1, 4), ("global", 2, 2)])
+def test_accumulated_gradient_is_the_unaccumulated_one_without_batchnorm(loss_scope, gpu_batch, accum):
+    """Trainer._forward_backward on a network without BatchNorm (a 1x1 conv), float64: accum_steps micro-batches
+    give the gradient and loss terms of one pass over the process batch. Per-GPU losses are exact; the global
+    scope normalises each micro-batch over its own valid pixels, equal here since every pixel is valid."""
+    from easydict import EasyDict
+    from furnace.distributed import DistInfo
+    from furnace.engine import Trainer
+    from furnace.methods import supervised_step
+    g = torch.Generator().manual_seed(0)
+    batch = {"x_l": torch.randn(8, 3, 5, 5, generator=g, dtype=torch.float64),
+             "y_l": torch.randint(0, 4, (8, 5, 5), generator=g)}
+    grads, terms = [], []
+    for steps in (1, accum):
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(3, 4, 1).double()
+        trainer = object.__new__(Trainer)  # just what _forward_backward uses
+        trainer.C = EasyDict(accum_steps=steps, gpu_batch=gpu_batch, loss_scope=loss_scope, amp="off", ohem=False,
+                             sup_weight=1.0)
+        trainer.info = DistInfo(0, 1, 0, torch.device("cpu"))
+        trainer.optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        trainer.scaler = torch.amp.GradScaler("cuda", enabled=False)
+        trainer.snapshot_dir = "unused"
+        trainer._step = lambda b: supervised_step(net, b, trainer.C, torch.device("cpu"), 1)
+        terms.append(trainer._forward_backward(batch, 0))
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert terms[0]["sup"] == pytest.approx(terms[1]["sup"], rel=1e-6)  # logged in float32
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
