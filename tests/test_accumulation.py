@@ -49,7 +49,7 @@ def test_bad_accum_steps_is_refused_before_any_work(toy, tmp_path):
 
 def test_accumulated_run_is_the_same_on_one_and_two_processes(toy, tmp_path):
     """Supervised, batch 4, accum_steps=2 (micro-batches of 2 images, gpu_batch=1), 3 steps in float64 (see
-    test_reliability.py): 1 process equals 2 processes to 1e-10 of the largest weight. The unaccumulated run
+    test_reliability.py): 1 process equals 2 processes to 1e-8 of the largest weight. The unaccumulated run
     differs: BatchNorm normalises each micro-batch with its own statistics."""
     common = overrides(toy, tmp_path / "unused", method="supervised", batch_size=4, epochs=1, iters_per_epoch=3,
                        gpu_batch=1)
@@ -67,7 +67,7 @@ def test_accumulated_run_is_the_same_on_one_and_two_processes(toy, tmp_path):
         biggest = max(v.abs().max().item() for v in a["model"].values() if v.is_floating_point())
         return max((a["model"][k] - b["model"][k]).abs().max().item()
                    for k in a["model"] if a["model"][k].is_floating_point()) / biggest
-    assert rel_diff(one, two) <= 1e-10
+    assert rel_diff(one, two) <= 1e-8
     assert one["config"]["accum_steps"] == 2 and rel_diff(one, plain) > 1e-6  # BatchNorm per micro-batch
     # BatchNorm counts its calls: two per step with accumulation
     tracked = [k for k in one["model"] if k.endswith("num_batches_tracked")]

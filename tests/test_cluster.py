@@ -8,7 +8,7 @@ parallel, with the variables srun sets for a task (SLURM_STEP_ID, SLURM_NODEID, 
 1 vs N processes: in float32, on the toy data with batch 2 (1 image per process), 1 and 2 processes end
 their first step with visibly different weights. These runs go through the same command line in float64
 (tests/fp64site: every train.py process computes in float64, nothing else changes), where 1 and 2 processes
-agree to 1e-10 of the largest weight: the float32 difference is rounding (the sum of two per-process
+agree to 1e-8 of the largest weight: the float32 difference is rounding (the sum of two per-process
 gradients against one gradient over both images, amplified by from-scratch BatchNorm on tiny batches),
 not a difference between what 1 and N processes compute; a real one would stay in float64."""
 import json
@@ -75,7 +75,7 @@ def _script_sh(args, out, **env):
 def test_two_node_slurm_run_equals_two_processes_and_one_process(toy, tmp_path):
     """Supervised, crop 32, batch 2 (1 image per process; gpu_batch=1), 2 steps, validation after the epoch,
     float64: the 2-node run (sbatch-style, through srun, 1 process per node) equals the 2-process one-node run
-    bit for bit (weights, optimiser, validation, evaluation) and the 1-process run to 1e-10."""
+    bit for bit (weights, optimiser, validation, evaluation) and the 1-process run to 1e-8."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(FAKE_SRUN)
@@ -102,7 +102,7 @@ def test_two_node_slurm_run_equals_two_processes_and_one_process(toy, tmp_path):
     biggest = max(v.abs().max().item() for v in one["model"].values() if v.is_floating_point())
     worst = max((one["model"][k] - two["model"][k]).abs().max().item()
                 for k in one["model"] if one["model"][k].is_floating_point())
-    assert worst <= 1e-10 * biggest, f"1 vs 2 processes in float64: {worst:.3g} (largest weight {biggest:.3g})"
+    assert worst <= 1e-8 * biggest, f"1 vs 2 processes in float64: {worst:.3g} (largest weight {biggest:.3g})"
     assert one["val"]["history"][0]["miou"] == pytest.approx(two["val"]["history"][0]["miou"], abs=1e-12)
 
 

@@ -12,8 +12,8 @@ instrumentation that production code must not carry:
   --runs JSON               several trainings in one process (one torchrun launch): a list of
                             {"out": DIR, "args": [...], "fp64": bool}; the process group stays up between them.
 fp64 runs the whole computation in float64 (default dtype, batches, and every `.float()` upcast of the
-losses and BatchNorm kept at float64) to compare 1 and N processes beyond float32 rounding, see
-test_reliability.py.
+losses and BatchNorm kept at float64; the networks start from the float32 initial weights) to compare 1 and
+N processes beyond float32 rounding, see test_reliability.py; tests/fp64site does the same for script.sh.
 """
 import contextlib
 import io
@@ -240,10 +240,17 @@ def float64_everywhere():
     import furnace.engine
     import furnace.evaluate
     dtype, to_float, batches = torch.get_default_dtype(), torch.Tensor.float, furnace.engine.Trainer._batches
-    predict = furnace.evaluate.predict_probs
+    predict, new_network = furnace.evaluate.predict_probs, furnace.engine.Trainer._new_network
 
     def float64_predict(model, image, **kwargs):  # validation during training: images in the model's dtype
         return predict(model, image.double(), **kwargs)
+
+    def float32_init(self):  # the float32 run's initial weights, in float64: the two runs start from the same point
+        torch.set_default_dtype(dtype)
+        try:
+            return new_network(self).double()
+        finally:
+            torch.set_default_dtype(torch.float64)
 
     def keep_float64(self, *args, **kwargs):
         return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
@@ -255,6 +262,7 @@ def float64_everywhere():
     torch.Tensor.float = keep_float64
     furnace.engine.Trainer._batches = float64_batches
     furnace.evaluate.predict_probs = float64_predict
+    furnace.engine.Trainer._new_network = float32_init
     try:
         yield
     finally:
@@ -262,6 +270,7 @@ def float64_everywhere():
         torch.Tensor.float = to_float
         furnace.engine.Trainer._batches = batches
         furnace.evaluate.predict_probs = predict
+        furnace.engine.Trainer._new_network = new_network
 
 
 def _driver(argv: List[str]) -> None:
