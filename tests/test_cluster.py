@@ -63,12 +63,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _script_sh(args, out, **env):
+def _script_sh(args, out, **env) -> subprocess.Popen:
+    """bash script.sh ARGS output_dir=OUT in float64, started (the runs go side by side: their start-ups overlap)."""
     env = clean_env(TRAINKIT_FP64="1", EVAL_EPOCHS="", **env)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fp64site"), env["PYTHONPATH"]])
-    done = subprocess.run(["bash", str(EXP / "script.sh")] + args + [f"output_dir={out}"], env=env, cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-4000:]
+    return subprocess.Popen(["bash", str(EXP / "script.sh")] + args + [f"output_dir={out}"], env=env, cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(proc: subprocess.Popen, out):
+    stderr = proc.communicate(timeout=400)[1]
+    assert proc.returncode == 0, stderr[-4000:]
     return load(out / "snapshot" / "last.pth")
 
 
@@ -82,12 +87,13 @@ def test_two_node_slurm_run_equals_two_processes_and_one_process(toy, tmp_path):
     (bin_dir / "srun").chmod(stat.S_IRWXU)
     args = overrides(toy, "unused", method="supervised", epochs=1, iters_per_epoch=2, gpu_batch=1, val_every=1,
                      val_images=2)
-    two_nodes = _script_sh(args, tmp_path / "nodes2", NGPUS="1", SLURM_JOB_ID="4242", SLURM_NNODES="2",
-                           SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(_free_port()),
-                           FAKE_SRUN_LOG=str(tmp_path / "srun.log"),
-                           PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    two = _script_sh(args, tmp_path / "procs2", NGPUS="2")
-    one = _script_sh(args, tmp_path / "procs1", NGPUS="1")
+    procs = {"nodes2": _script_sh(args, tmp_path / "nodes2", NGPUS="1", SLURM_JOB_ID="4242", SLURM_NNODES="2",
+                                  SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(_free_port()),
+                                  FAKE_SRUN_LOG=str(tmp_path / "srun.log"),
+                                  PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"),
+             "procs2": _script_sh(args, tmp_path / "procs2", NGPUS="2"),
+             "procs1": _script_sh(args, tmp_path / "procs1", NGPUS="1")}
+    two_nodes, two, one = (_finished(p, tmp_path / name) for name, p in procs.items())
     assert "--nodes=2 --ntasks=2 --ntasks-per-node=1" in (tmp_path / "srun.log").read_text()
     assert two_nodes["model"]["classifier.weight"].dtype == torch.float64  # the float64 instrumentation worked
 
