@@ -129,6 +129,8 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
 
     # optimisation (batch and lr are global: the lr written here is the lr used, whatever the GPU count)
     C.batch_size = 8                   # labeled images per step over all processes; unlabeled the same
+    C.accum_steps = 1                  # gradient accumulation: each process computes its share of the batch in
+                                       # this many micro-batches (BatchNorm statistics per micro-batch; README)
     C.lr = 0.0025                      # the published VOC ResNet-18 update (README, "Learning rate"): a
                                        # config that keeps the defaults takes published-size steps
     C.momentum = 0.9
@@ -154,6 +156,10 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.eval_stride_rate = 2 / 3
     C.eval_scales = [1.0]
     C.eval_flip = False
+    # validation during training (furnace/engine.py: the evaluation above, on the model being trained)
+    C.val_every = None                 # epochs between validations and always after the last; None: about 5
+                                       # per run (ceil(epochs / 5)); 0: off
+    C.val_images = None                # validate on this many val images, spread over the list (None: all)
     return C
 
 
@@ -325,9 +331,16 @@ def check(C: EasyDict) -> None:
          f"teacher_int8_min_agreement={C.teacher_int8_min_agreement!r} must be in [0, 1]")
     for key in ("teacher_calibration_images", "teacher_check_images"):
         need(isinstance(C[key], int) and C[key] > 0, f"{key}={C[key]!r} must be a positive int")
+    need(C.val_every is None or (isinstance(C.val_every, int) and C.val_every >= 0),
+         f"val_every={C.val_every!r} must be None (about 5 validations per run), 0 (off) or a positive int")
+    need(C.val_images is None or (isinstance(C.val_images, int) and C.val_images > 0),
+         f"val_images={C.val_images!r} must be None (the whole val list) or a positive int")
     need(C.eval_mode in ("sliding", "whole"), f"eval_mode={C.eval_mode!r}; expected 'sliding' or 'whole'")
     need(C.device in ("auto", "cpu", "cuda"), f"device={C.device!r}; expected 'auto', 'cpu' or 'cuda'")
     need(isinstance(C.batch_size, int) and C.batch_size > 0, f"batch_size={C.batch_size!r} must be a positive int")
+    need(isinstance(C.accum_steps, int) and C.accum_steps > 0, f"accum_steps={C.accum_steps!r} must be a positive int")
+    need(C.batch_size % C.accum_steps == 0 if isinstance(C.accum_steps, int) and C.accum_steps > 0 else True,
+         f"accum_steps={C.accum_steps} does not divide batch_size={C.batch_size}")
     need(isinstance(C.epochs, int) and C.epochs > 0, f"epochs={C.epochs!r} must be a positive int")
     need(C.iters_per_epoch is None or (isinstance(C.iters_per_epoch, int) and C.iters_per_epoch > 0),
          f"iters_per_epoch={C.iters_per_epoch!r} must be None or a positive int")

@@ -12,7 +12,9 @@ import logging
 import math
 import os
 import os.path as osp
+import resource
 import time
+from contextlib import nullcontext
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -20,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from easydict import EasyDict
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
 from furnace import run, teacher_labels
@@ -28,6 +30,8 @@ from furnace.checkpoint import load_checkpoint, save_checkpoint, segmentor_from_
 from furnace.config import config_from_cli, crop_hw
 from furnace.data import read_list
 from furnace.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed
+from furnace.evaluate import evaluate_dataset
+from furnace.metrics import iou_per_class, mean_iou
 from furnace.methods import CPSPair, cps_step, mgd_step, resolve_amp, supervised_step
 from furnace.models import build_segmentor, zero_init_residual_
 from furnace.quantize import Int8Teacher, argmax_agreement, int8_supported, quantize_teacher
@@ -89,6 +93,27 @@ def cutmix_masks(C: EasyDict, info: DistInfo, iteration: int) -> torch.Tensor:
     return masks[info.rank::info.world_size]
 
 
+def micro_batches(n: int, group: int, accum: int) -> List[torch.Tensor]:
+    """Indices cutting a process batch of n images into `accum` micro-batches (gradient accumulation), each
+    made of whole groups of `group` images (image j is in group j mod n // group, as furnace.methods.per_gpu_mean
+    groups them) and ordered so that per_gpu_mean finds the same groups in the micro-batch.
+
+    Micro-batch m holds the process's groups m * q ... (m + 1) * q - 1 (q = groups per micro-batch). The
+    sampler deals global groups to processes in turn, so over all processes micro-batch m holds global groups
+    m * Q ... (m + 1) * Q - 1 whatever the process count: BatchNorm (synchronised across processes) normalises
+    the same images in 1 and N processes. With group 1 (loss_scope='global') it is the m-th contiguous slice."""
+    k = n // group
+    q = k // accum
+    return [torch.tensor([m * q + g + k * t for t in range(group) for g in range(q)]) for m in range(accum)]
+
+
+def peak_memory(device: torch.device) -> str:
+    """This process's peak memory so far: CUDA memory allocated by tensors, or on CPU the peak resident set."""
+    if device.type == "cuda":
+        return f"peak_mem={torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f}MiB(cuda)"
+    return f"peak_mem={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MiB(rss)"  # KiB on Linux
+
+
 def build_datasets(C: EasyDict) -> Dict[str, Dataset]:
     """The training datasets the method needs, checked file by file before any training."""
     from furnace.data import build_dataset, check_dataset
@@ -97,6 +122,26 @@ def build_datasets(C: EasyDict) -> Dict[str, Dataset]:
     for ds in datasets.values():
         check_dataset(ds)
     return datasets
+
+
+def val_interval(C: EasyDict) -> int:
+    """Epochs between validations during training (C.val_every; None: about five per run; 0: none)."""
+    return math.ceil(C.epochs / 5) if C.val_every is None else C.val_every
+
+
+def validation_dataset(C: EasyDict) -> Dataset:
+    """The val list for validation during training, checked before training (file headers only: fast), cut to
+    C.val_images images spread evenly over the list (the same ones every time)."""
+    from furnace.data import build_dataset, check_dataset
+    try:
+        dataset = build_dataset(C, "val")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"validation during training: {e}; set val_list=, or val_every=0 to train "
+                                f"without validation") from None
+    check_dataset(dataset, decode_images=False)
+    if C.val_images is not None and C.val_images < len(dataset):
+        dataset = Subset(dataset, np.linspace(0, len(dataset) - 1, C.val_images).round().astype(int).tolist())
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------- teachers
@@ -248,6 +293,13 @@ class Trainer:
                              f"images, and {self.info.world_size} processes hold {C.batch_size // self.info.world_size} "
                              f"each (batch_size={C.batch_size}); use a process count that divides "
                              f"{C.batch_size // C.gpu_batch}, or loss_scope='global'")
+        per_process = C.batch_size // self.info.world_size
+        group = C.gpu_batch if C.loss_scope == "per_gpu" else 1
+        if (per_process // group) % C.accum_steps:
+            raise ValueError(f"config: accum_steps={C.accum_steps} must divide the {per_process // group} "
+                             + (f"per-GPU groups of gpu_batch={C.gpu_batch} images " if group > 1 else "images ")
+                             + f"each of the {self.info.world_size} processes holds (batch_size={C.batch_size}): "
+                             f"every micro-batch holds whole groups; use an accum_steps that divides it")
         C.amp = resolve_amp(C.amp, self.info.device)
         if C.amp == "fp16" and self.info.device.type != "cuda":
             raise ValueError("config: amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
@@ -280,6 +332,13 @@ class Trainer:
         self.skip = 0  # iterations of self.epoch done before a resume in the middle of it
         self.resume_rng = None  # the RNG state to continue from, once that epoch's loaders have started
         self.last_losses: Dict[str, float] = {}  # the loss terms of the last step (averaged over processes)
+        self.val_every = val_interval(C)
+        self.val_set = validation_dataset(C) if self.val_every else None
+        # validations so far ({epoch, miou, iou, seconds}) and the best one, kept in every checkpoint so that
+        # best.pth and the history survive a restart
+        self.val_history: List[dict] = []
+        self.val_best: Optional[dict] = None
+        self._new_best = False
         if resume:
             self._restore()
         self.step_model = self.model
@@ -354,6 +413,8 @@ class Trainer:
         self.scaler.load_state_dict(ckpt.get("scaler", {}))
         torch.set_rng_state(ckpt["rng"])
         self.epoch, self.train_seconds = ckpt["epoch"], ckpt["train_seconds"]
+        self.val_history = list(ckpt.get("val", {}).get("history", []))
+        self.val_best = ckpt.get("val", {}).get("best")
         self.skip = ckpt.get("iteration", self.epoch * self.iters_per_epoch) - self.epoch * self.iters_per_epoch
         if self.skip:  # saved after the epoch's DataLoaders drew their seeds from it: restore it after they do
             self.resume_rng = ckpt["rng"]
@@ -382,9 +443,15 @@ class Trainer:
                  "iteration": self.epoch * self.iters_per_epoch if iteration is None else iteration,
                  "train_seconds": self.train_seconds if train_seconds is None else train_seconds,
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "rng": torch.get_rng_state(), "config": dict(self.C), "losses": self.last_losses}
+                 "rng": torch.get_rng_state(), "config": dict(self.C), "losses": self.last_losses,
+                 "val": {"history": self.val_history, "best": self.val_best}}
         if isinstance(self.model, CPSPair):
             state["model_b"] = self.model.branch_b.state_dict()
+        if iteration is None and self._new_best:
+            # before last.pth: a crash in between resumes from the previous last.pth, which redoes this epoch and
+            # its validation; the other order could leave a last.pth naming a best.pth that was never written
+            save_checkpoint(state, osp.join(self.snapshot_dir, "best.pth"))
+            self._new_best = False
         if iteration is None and (self.epoch % self.C.save_every == 0 or self.epoch == self.C.epochs):
             save_checkpoint(state, osp.join(self.snapshot_dir, f"epoch-{self.epoch}.pth"))
         save_checkpoint(state, osp.join(self.snapshot_dir, "last.pth"))
@@ -434,10 +501,7 @@ class Trainer:
                 batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
                 if C.method != "supervised":
                     batch["mask"] = cutmix_masks(C, info, it).to(info.device)
-                loss, terms = self._step(batch)
-                values = self.last_losses = self._check_finite(loss, terms, it)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
+                values = self.last_losses = self._forward_backward(batch, it)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 bar.update()
@@ -453,11 +517,66 @@ class Trainer:
             self.train_seconds += time.time() - start
             if info.is_main:
                 self.log.info(f"epoch {self.epoch}/{C.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in values.items())
-                              + f" lr={lr:.6f} time={time.time() - start:.1f}s")
+                              + f" lr={lr:.6f} time={time.time() - start:.1f}s {peak_memory(info.device)}")
+            if self.val_every and (self.epoch % self.val_every == 0 or self.epoch == C.epochs):
+                self._validate(writer if info.is_main else None)
             self._save()
         if info.is_main:
             writer.close()
         return self.summary()
+
+    def _forward_backward(self, batch: Dict[str, torch.Tensor], it: int) -> Dict[str, float]:
+        """The step's gradient, in C.accum_steps micro-batches (micro_batches) whose gradients add up: each
+        micro-batch's loss is divided by accum_steps, and DDP averages across processes only after the last.
+        Returns the loss terms averaged over processes and micro-batches; a non-finite one stops before any
+        update."""
+        accum = self.C.accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        if accum == 1:
+            loss, terms = self._step(batch)
+            values = self._check_finite(loss, terms, it)
+            self.scaler.scale(loss).backward()
+            return values
+        n = next(iter(batch.values())).shape[0]
+        group = self.C.gpu_batch if self.C.loss_scope == "per_gpu" else 1
+        total: Dict[str, float] = {}
+        for m, index in enumerate(micro_batches(n, group, accum)):
+            micro = {k: v[index.to(v.device)] for k, v in batch.items()}
+            last = m == accum - 1
+            with nullcontext() if last or not self.info.distributed else self.step_model.no_sync():
+                loss, terms = self._step(micro)
+                values = self._check_finite(loss, terms, it)
+                self.scaler.scale(loss / accum).backward()
+            total = {k: total.get(k, 0.0) + v / accum for k, v in values.items()}
+        return total
+
+    def _validate(self, writer) -> dict:
+        """The configured evaluation (furnace.evaluate: sliding windows, every process its share of the images)
+        of the deployable network on the validation images, logged to train.log and TensorBoard; marks a new
+        best for best.pth. It must not change the training: it runs in eval mode (BatchNorm uses, and does not
+        update, its running statistics) and leaves the RNG state as it found it."""
+        C, info, start = self.C, self.info, time.time()
+        rng = torch.get_rng_state()  # evaluation draws no random numbers today; this keeps training safe if it does
+        conf = evaluate_dataset(self.deployable, self.val_set, C, info.device, info.rank, info.world_size)
+        torch.set_rng_state(rng)
+        miou, iou = mean_iou(conf), iou_per_class(conf)
+        record = {"epoch": self.epoch, "miou": miou, "iou": iou.tolist(), "images": len(self.val_set),
+                  "seconds": round(time.time() - start, 3)}
+        self.val_history.append(record)
+        if not math.isnan(miou) and (self.val_best is None or miou > self.val_best["miou"]):
+            self.val_best, self._new_best = {"epoch": self.epoch, "miou": miou}, True
+        if writer is not None:
+            it = self.epoch * self.iters_per_epoch
+            writer.add_scalar("val/mIoU", miou, it)
+            for name, value in zip(C.class_names, iou):
+                if not math.isnan(value):
+                    writer.add_scalar(f"val/IoU/{name}", value, it)
+            writer.flush()
+        per_class = " ".join(f"{n}={'absent' if math.isnan(v) else f'{100 * v:.2f}'}" for n, v in zip(C.class_names, iou))
+        best = self.val_best and f"best {100 * self.val_best['miou']:.2f} at epoch {self.val_best['epoch']}; "
+        self.log.info(f"val epoch {self.epoch}/{C.epochs}: mIoU={100 * miou:.2f} on {len(self.val_set)} images "
+                      f"({record['seconds']:.1f} s); {best or ''}IoU {per_class}")
+        return record
 
     def _save_within_epoch(self, iterations: int, epoch_start: float) -> None:
         """last.pth every save_every_iters iterations, except at an epoch's end (saved there anyway)."""
@@ -479,8 +598,14 @@ class Trainer:
         return dict(zip(["total", *terms], values.tolist()))
 
     def summary(self) -> dict:
-        return {"checkpoint": osp.join(self.snapshot_dir, "last.pth"), "epochs": self.epoch,
-                "train_seconds": self.train_seconds}
+        """What the run reports: its last checkpoint, and with validation the last epoch's mIoU (the number a
+        run reports; README) beside the best one (best.pth)."""
+        out = {"checkpoint": osp.join(self.snapshot_dir, "last.pth"), "epochs": self.epoch,
+               "train_seconds": self.train_seconds}
+        if self.val_history:
+            out["val"] = {"last": self.val_history[-1], "best": self.val_best,
+                          "best_checkpoint": osp.join(self.snapshot_dir, "best.pth")}
+        return out
 
 
 def main(C: EasyDict, argv: Optional[List[str]] = None) -> dict:

@@ -3,8 +3,8 @@
 A run's *identity* is the part of its resolved config that decides what it computes: data, lists, network,
 method, teachers, loss weights, schedule, seed, precision... Not where it writes (output_dir,
 teacher_label_dir), how fast or where it runs (num_workers, device, channels_last), how often it saves or
-logs, or how it is evaluated or drawn (val_list, eval_*, palette): `IDENTITY_EXCLUDED` lists those; every other key is
-identity, new keys included.
+logs, or how it is evaluated or drawn (val_list, eval_*, val_every, val_images, palette): `IDENTITY_EXCLUDED`
+lists those; every other key is identity, new keys included.
 
 Each identity has its own folder: the config's default `output_dir = {exp_dir}/output/{run}` names it
 `<method>` for the experiment's own settings (config.py) and `<method>-<overridden keys>-<hash>` for a
@@ -22,6 +22,9 @@ Without --resume, a folder that already holds checkpoints is refused, never over
 `python -m furnace.run --die-with-parent -- CMD ...` runs CMD so that it is killed when its parent dies
 (Linux PR_SET_PDEATHSIG, kept across exec): tools/run_experiment.sh launches through it, and torchrun's
 workers set the same on themselves (`die_with_parent`), so killing script.sh leaves no trainer behind.
+
+`python -m furnace.run --slurm-env` prints the launch variables of a SLURM allocation (`slurm_launch`), which
+tools/run_experiment.sh reads, so that script.sh runs unchanged in an sbatch job.
 
 This module imports no torch at the top: the launcher wrapper must start fast.
 """
@@ -43,7 +46,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 IDENTITY_EXCLUDED = frozenset({
     "exp_name", "exp_dir", "output_dir", "teacher_label_dir", "num_workers", "device", "channels_last",
     "save_every", "save_every_iters", "log_every", "val_list", "palette",
-    "eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scales", "eval_flip"})
+    "eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scales", "eval_flip", "val_every", "val_images"})
+# Identity keys added after runs were recorded, with the value that computes what those runs computed: a
+# recorded identity without one of them is read with that value (an old run's folder stays its own).
+ADDED_KEYS = {"accum_steps": 1}
 RUN_FILE = "run.json"
 LOCK_FILE = "train.lock"
 
@@ -108,7 +114,7 @@ def recorded_identity(output_dir: str) -> Tuple[Optional[Dict[str, object]], Opt
     path = osp.join(output_dir, RUN_FILE)
     if osp.isfile(path):
         with open(path) as f:
-            return json.load(f)["identity"], path, ()
+            return {**ADDED_KEYS, **json.load(f)["identity"]}, path, ()
     ckpts = checkpoints(output_dir)
     if ckpts:
         from furnace.checkpoint import load_checkpoint
@@ -116,7 +122,7 @@ def recorded_identity(output_dir: str) -> Tuple[Optional[Dict[str, object]], Opt
         path = last if last in ckpts else ckpts[-1]
         config = load_checkpoint(path).get("config")
         if config:
-            return identity(config), path, ("amp",)
+            return {**ADDED_KEYS, **identity(config)}, path, ("amp",)
     return None, None, ()
 
 
@@ -251,10 +257,60 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     return armed
 
 
+# -------------------------------------------------------------------------------------------- SLURM
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ('gpu[07-09,12],cpu1' -> 'gpu07'), without scontrol."""
+    m = re.match(r"([^,\[]*)(?:\[([^,\]-]*))?", nodelist.strip())
+    if not m or not (m.group(1) or m.group(2)):
+        raise ValueError(f"cannot read the first host of the SLURM node list {nodelist!r}")
+    return m.group(1) + (m.group(2) or "")
+
+
+def slurm_launch(env: Dict[str, str]) -> Dict[str, str]:
+    """The launch variables of tools/run_experiment.sh inside a SLURM allocation, from SLURM's variables.
+
+    Outside SLURM (no SLURM_JOB_ID) or in a one-node allocation outside an srun step: nothing (script.sh runs
+    as on any machine). In the batch script (or salloc shell) of a multi-node allocation: RUN_EXPERIMENT_SRUN=1 and NNODES,
+    MASTER_ADDR and MASTER_PORT: the script re-runs itself through srun, one task per node. In an srun step
+    (SLURM_STEP_ID set), each task is one node's launcher: NNODES, NODE_RANK (SLURM_NODEID), MASTER_ADDR (the
+    step's first host), MASTER_PORT (29500 + job id mod 10000: the same on every node, and two jobs sharing a
+    node rarely collide), NGPUS (SLURM_GPUS_ON_NODE when SLURM says it). A variable already set wins."""
+    if "SLURM_JOB_ID" not in env:
+        return {}
+    in_step = "SLURM_STEP_ID" in env
+    nodes = int(env.get("SLURM_STEP_NUM_NODES" if in_step else "SLURM_NNODES", env.get("SLURM_NNODES", "1")))
+    if not in_step and nodes == 1:
+        return {}
+    nodelist = env.get("SLURM_STEP_NODELIST" if in_step else "SLURM_JOB_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist and "MASTER_ADDR" not in env:
+        raise ValueError("SLURM allocation without SLURM_JOB_NODELIST: set MASTER_ADDR")
+    out = {"NNODES": str(nodes), "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+           "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + int(env["SLURM_JOB_ID"]) % 10000)}
+    if not in_step:
+        return {**{k: env.get(k) or v for k, v in out.items()}, "RUN_EXPERIMENT_SRUN": "1"}
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", nodes)))
+    if tasks != nodes:
+        raise ValueError(f"this srun step runs {tasks} tasks on {nodes} nodes; script.sh starts one torchrun per "
+                         f"node, which starts the node's processes: run it with srun --ntasks-per-node=1 (or from "
+                         f"the batch script, which does that itself)")
+    out["NODE_RANK"] = env.get("SLURM_NODEID", env.get("SLURM_PROCID", "0"))
+    gpus = env.get("SLURM_GPUS_ON_NODE")
+    if gpus and gpus.isdigit() and int(gpus) > 0:
+        out["NGPUS"] = gpus
+    return {k: env.get(k) or v for k, v in out.items()}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--slurm-env"]:  # shell assignments for run_experiment.sh to eval
+        import shlex
+        try:
+            print("".join(f"export {k}={shlex.quote(v)}\n" for k, v in slurm_launch(dict(os.environ)).items()), end="")
+        except ValueError as e:
+            sys.exit(f"run_experiment.sh: {e}")
+        return
     if len(argv) < 3 or argv[:2] != ["--die-with-parent", "--"]:
-        sys.exit("usage: python -m furnace.run --die-with-parent -- COMMAND [ARG ...]")
+        sys.exit("usage: python -m furnace.run --die-with-parent -- COMMAND [ARG ...] | --slurm-env")
     die_with_parent()
     os.execvp(argv[2], argv[2:])
 

@@ -122,7 +122,7 @@ RULES: Dict[str, Check] = {
     "region_weight": number(0), "region_grid": integer(1), "ohem": boolean, "ohem_thresh": number(0, 1, lo_open=True),
     "ohem_min_kept": integer(0),
     # optimisation
-    "batch_size": integer(1), "lr": number(0, lo_open=True), "momentum": number(0, 1, hi_open=True),
+    "batch_size": integer(1), "accum_steps": integer(1), "lr": number(0, lo_open=True), "momentum": number(0, 1, hi_open=True),
     "weight_decay": number(0), "lr_power": number(0), "warmup_iters": integer(0), "epochs": integer(1),
     "iters_per_epoch": optional(integer(1)), "amp": optional(one_of("auto", "off", "bf16", "fp16")),
     "channels_last": boolean, "device": one_of("auto", "cpu", "cuda"),
@@ -131,6 +131,8 @@ RULES: Dict[str, Check] = {
     # evaluation
     "eval_mode": one_of("sliding", "whole"), "eval_crop_size": size,
     "eval_stride_rate": number(0, 1, lo_open=True), "eval_scales": numbers_list(positive=True), "eval_flip": boolean,
+    # validation during training
+    "val_every": optional(integer(0)), "val_images": optional(integer(1)),
 }
 
 

@@ -20,7 +20,7 @@ from trainkit import (EXP, NUM_CLASSES, TORCHRUN, assert_bitwise_equal, clean_en
 
 STUDENT_KEYS = set(build_segmentor("mobilenet_v2", NUM_CLASSES).state_dict())
 CHECKPOINT_KEYS = {"model", "network", "num_classes", "method", "epoch", "iteration", "train_seconds",
-                   "optimizer", "scaler", "rng", "config", "losses"}
+                   "optimizer", "scaler", "rng", "config", "losses", "val"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures one_thread and toy: tests/conftest.py

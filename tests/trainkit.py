@@ -12,8 +12,8 @@ instrumentation that production code must not carry:
   --runs JSON               several trainings in one process (one torchrun launch): a list of
                             {"out": DIR, "args": [...], "fp64": bool}; the process group stays up between them.
 fp64 runs the whole computation in float64 (default dtype, batches, and every `.float()` upcast of the
-losses and BatchNorm kept at float64) to compare 1 and N processes beyond float32 rounding, see
-test_reliability.py.
+losses and BatchNorm kept at float64; the networks start from the float32 initial weights) to compare 1 and
+N processes beyond float32 rounding, see test_reliability.py; tests/fp64site does the same for script.sh.
 """
 import contextlib
 import io
@@ -65,13 +65,14 @@ def toy_root(tmp_path_factory) -> Path:
 
 def overrides(data_root, output_dir, **changes) -> List[str]:
     """key=value arguments of a tiny toy run: MobileNet-v2 nets, crop 32, batch 2, 2 epochs of 2 steps, fp32,
-    evaluation (and offline teacher labels) in 48x48 windows."""
+    evaluation (and offline teacher labels) in 48x48 windows, no validation during training."""
     values = dict(data_root=str(data_root), num_classes=NUM_CLASSES, class_names=TOY_CLASSES, pretrained=None,
                   crop_size=32, eval_crop_size=48, train_scales=[0.75, 1.0], batch_size=2, epochs=2,
                   iters_per_epoch=2, lr=0.01,
                   num_workers=0, amp="off", save_every=1, log_every=1, device="cpu", output_dir=str(output_dir),
                   teacher_deep_network="mobilenet_v2", teacher_wide_network="mobilenet_v2",
-                  teacher_precision="amp")  # int8 teachers: tests/test_quantize.py
+                  teacher_precision="amp",  # int8 teachers: tests/test_quantize.py
+                  val_every=0)  # validation during training costs more than these runs: tests/test_validation.py
     values.update(changes)
     return [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in values.items()]
 
@@ -237,7 +238,19 @@ def float64_everywhere():
     """Train in float64: parameters (default dtype), batches, and the float32 upcasts in losses and BatchNorm."""
     import torch
     import furnace.engine
+    import furnace.evaluate
     dtype, to_float, batches = torch.get_default_dtype(), torch.Tensor.float, furnace.engine.Trainer._batches
+    predict, new_network = furnace.evaluate.predict_probs, furnace.engine.Trainer._new_network
+
+    def float64_predict(model, image, **kwargs):  # validation during training: images in the model's dtype
+        return predict(model, image.double(), **kwargs)
+
+    def float32_init(self):  # the float32 run's initial weights, in float64: the two runs start from the same point
+        torch.set_default_dtype(dtype)
+        try:
+            return new_network(self).double()
+        finally:
+            torch.set_default_dtype(torch.float64)
 
     def keep_float64(self, *args, **kwargs):
         return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
@@ -248,12 +261,16 @@ def float64_everywhere():
     torch.set_default_dtype(torch.float64)
     torch.Tensor.float = keep_float64
     furnace.engine.Trainer._batches = float64_batches
+    furnace.evaluate.predict_probs = float64_predict
+    furnace.engine.Trainer._new_network = float32_init
     try:
         yield
     finally:
         torch.set_default_dtype(dtype)
         torch.Tensor.float = to_float
         furnace.engine.Trainer._batches = batches
+        furnace.evaluate.predict_probs = predict
+        furnace.engine.Trainer._new_network = new_network
 
 
 def _driver(argv: List[str]) -> None:

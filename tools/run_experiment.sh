@@ -3,7 +3,8 @@
 # Usage: bash tools/run_experiment.sh EXP_DIR [--cfg FILE] [key=value ...]
 # Environment: NGPUS (processes per node; default: script.sh's published count capped at the GPUs present, 1 on CPU), NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1),
 #              MASTER_PORT (one node: a free port; several nodes: 29500), EVAL_EPOCHS (checkpoints to evaluate,
-#              default: the last one).
+#              default: the last one). In a SLURM job (sbatch, salloc) the launch variables come from SLURM's.
+# Several nodes share the run's folder (a shared file system): only the run's rank 0 writes it.
 # Each run identity has its own folder, <exp>/output/<method> for config.py's settings and
 # <exp>/output/<method>-<overrides>-<hash> for a variant (furnace/run.py). Start over by deleting it.
 set -euo pipefail
@@ -19,6 +20,19 @@ while (($#)); do
   fi
 done
 set -- ${ARGS[@]+"${ARGS[@]}"}
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+  # Inside a SLURM allocation: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (and NGPUS) from SLURM's variables
+  # (furnace/run.py slurm_launch). In the batch script of a multi-node job, run this script again through
+  # srun, once per node; each of those tasks is then one node's launcher.
+  SLURM_ENV="$(python -m furnace.run --slurm-env)"
+  eval "$SLURM_ENV"
+  if [[ "${RUN_EXPERIMENT_SRUN:-}" == 1 ]]; then
+    unset RUN_EXPERIMENT_SRUN
+    echo "run_experiment.sh: SLURM job $SLURM_JOB_ID: srun, one launcher on each of $NNODES nodes (master $MASTER_ADDR:$MASTER_PORT)" >&2
+    exec srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+      bash "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")" "$EXP_DIR" "$@"
+  fi
+fi
 cd "$EXP_DIR"
 if [[ -z "${NGPUS:-}" ]]; then
   # The published process count (script.sh's PUBLISHED_NGPUS), capped at the GPUs present; 1 without CUDA,
