@@ -138,7 +138,7 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.lr_power = 0.9
     C.warmup_iters = 0
     C.epochs = 34
-    C.iters_per_epoch = None           # None: max(|D_l|, |D_u|) // batch_size
+    C.iters_per_epoch = None           # None: max(|D_l|, |D_u|) // batch_size (the supervised baseline too)
     C.amp = None                       # 'off' (fp32, as published), 'auto' (bf16 on CUDA and bf16-capable CPUs,
                                        # else off), 'bf16', 'fp16' (CUDA only)
     C.channels_last = False

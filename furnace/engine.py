@@ -324,6 +324,10 @@ class Trainer:
                                          fused=True)
         self.scaler = torch.amp.GradScaler("cuda", enabled=C.amp == "fp16")
         sizes = [len(d) for d in self.datasets.values()]
+        if "unlabeled" not in self.datasets and C.get("unlabeled_list") and osp.isfile(C.unlabeled_list):
+            # the supervised baseline gets the semi-supervised runs' schedule (same iterations per epoch, same
+            # epochs), not one pass over the few labeled images per epoch: the comparison is at equal updates
+            sizes.append(len(read_list(C.unlabeled_list)))
         self.iters_per_epoch = C.iters_per_epoch or max(sizes) // C.batch_size
         if self.iters_per_epoch < 1:
             raise ValueError(f"config: batch_size={C.batch_size} exceeds the training set ({max(sizes)} images)")

@@ -59,6 +59,16 @@ def trainer_for(argv):
     return Trainer(resolve(exp_config(), collect_overrides([], argv, environ={})))
 
 
+def test_supervised_baseline_has_the_semi_supervised_schedule(toy, tmp_path):
+    """Without iters_per_epoch, an epoch is max(|D_l|, |D_u|) // batch for every method: the supervised baseline
+    makes as many updates as MGD and CPS (21 unlabeled against 3 labeled images, batch 2: 10 per epoch)."""
+    sizes = {}
+    for method in ("supervised", "cps"):
+        trainer = trainer_for(overrides(toy, tmp_path / method, method=method, iters_per_epoch=None))
+        sizes[method] = (trainer.iters_per_epoch, trainer.total_iters)
+    assert sizes["supervised"] == sizes["cps"] == (10, 20)
+
+
 # ------------------------------------------------------------------------------------------- gradients
 def test_mgd_gradients_reach_the_student_and_never_the_teachers(toy, cps_run, tmp_path):
     teacher = str(cps_run / "snapshot" / "last.pth")
