@@ -273,7 +273,8 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
     u0 and u1 (without gradient), u_m, then x_l. The published code uses the student's u0/u1 predictions only
     for reverse terms (teacher vs student pseudo-label) that carry no gradient, so those terms are not
     computed; the calls are kept because in train mode they update the student's BatchNorm running
-    statistics, which evaluation uses. 'joint': the student sees x_l and u_m in one call, each teacher all
+    statistics, which evaluation uses (C.student_bn_calls=False skips them: the same gradients, other running
+    statistics). 'joint': the student sees x_l and u_m in one call, each teacher all
     its inputs in one call."""
     x_l, y_l, u0, u1, mask = batch["x_l"], batch["y_l"], batch["u0"], batch["u1"], batch["mask"]
     n_l, n_u = x_l.shape[0], u0.shape[0]
@@ -303,8 +304,9 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
 
     with autocast(device, C.amp):
         if separate:
-            with torch.no_grad():
-                student(u0), student(u1)
+            if C.get("student_bn_calls", True):  # no output is used: the calls move the BatchNorm running statistics
+                with torch.no_grad():
+                    student(u0), student(u1)
             out_m = student(u_m, return_features=True)
             s_l, s_m, f_m = student(x_l).float(), out_m["logits"].float(), out_m["decoder"]
         else:

@@ -81,6 +81,9 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
         extra = flops.count_flops(student, torch.empty(2 * 2, 3, 32, 32))
     assert saved["flops_per_step"]["published"] - saved["flops_per_step"]["ours_online"] == extra
     assert saved["flops_per_step"]["published_setting"] == saved["flops_per_step"]["published"]
+    # opt-in student_bn_calls=False: the same two student forwards fewer
+    assert saved["flops_per_step"]["published_setting"] - saved["flops_per_step"]["published_setting_lean"] == extra
+    assert saved["speedup_published_setting_lean"] > 0
     # ours (offline teachers, the default): the same student work, teachers on u_m only (n_u images, not 3 n_u + n_l)
     teacher_saved = sum(saved["flops_teachers_per_step"].values()) - sum(saved["flops_teachers_per_step_offline"].values())
     assert saved["flops_per_step"]["ours_online"] - saved["flops_per_step"]["ours"] == teacher_saved > 0
@@ -174,6 +177,30 @@ def test_published_setting_same_update_as_published_schedule_in_train_bn(benchma
     assert check["grad_max_rel_diff"] <= 1e-6 and check["bn_buffers_max_rel_diff"] <= 1e-6
     assert check["loss_terms_max_abs_diff"] <= 1e-5
     assert check["loss_terms_published"]["reverse"] > 0  # computed by the published step only, no gradient
+
+
+def test_student_bn_calls_off_same_gradients_other_running_statistics():
+    """student_bn_calls=False (opt-in) skips the student's no-grad calls on u0 and u1: the gradients stay, the
+    student's BatchNorm running statistics (which only those calls would have moved further) differ."""
+    torch.manual_seed(0)
+    C = resolve(EasyDict(dict(new_config("voc", __file__), num_classes=4, class_names=list("abcd"),
+                              setting="published")))
+    assert C.student_bn_calls is True  # the published default
+    student = build_segmentor("mobilenet_v2", 4).train()
+    teachers = {r: build_segmentor("resnet18", 4).train().requires_grad_(False) for r in ("deep", "wide")}
+    g = torch.Generator().manual_seed(2)
+    batch = dict(x_l=torch.randn(2, 3, 33, 33, generator=g), u0=torch.randn(2, 3, 33, 33, generator=g),
+                 u1=torch.randn(2, 3, 33, 33, generator=g), y_l=torch.randint(0, 4, (2, 33, 33), generator=g),
+                 mask=(torch.rand(2, 1, 33, 33, generator=g) > 0.5).float())
+    grads, buffers = [], []
+    for calls in (True, False):
+        net = copy.deepcopy(student)
+        loss, _ = mgd_step(net, teachers, batch, EasyDict(dict(C, student_bn_calls=calls)), torch.device("cpu"))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        buffers.append(torch.cat([b.flatten().float() for b in net.buffers()]))
+    assert (grads[0] - grads[1]).abs().max() <= 1e-6 * grads[0].abs().max()
+    assert not torch.allclose(buffers[0], buffers[1])
 
 
 def test_teacher_predict_folds_batchnorm_exactly():
