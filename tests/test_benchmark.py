@@ -84,6 +84,7 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
     # opt-in student_bn_calls=False: the same two student forwards fewer
     assert saved["flops_per_step"]["published_setting"] - saved["flops_per_step"]["published_setting_lean"] == extra
     assert saved["speedup_published_setting_lean"] > 0
+    assert saved["flop_bound_published_setting"] == 1.0 < saved["flop_bound_published_setting_lean"]
     # ours (offline teachers, the default): the same student work, teachers on u_m only (n_u images, not 3 n_u + n_l)
     teacher_saved = sum(saved["flops_teachers_per_step"].values()) - sum(saved["flops_teachers_per_step_offline"].values())
     assert saved["flops_per_step"]["ours_online"] - saved["flops_per_step"]["ours"] == teacher_saved > 0
@@ -177,6 +178,9 @@ def test_published_setting_same_update_as_published_schedule_in_train_bn(benchma
     assert check["grad_max_rel_diff"] <= 1e-6 and check["bn_buffers_max_rel_diff"] <= 1e-6
     assert check["loss_terms_max_abs_diff"] <= 1e-5
     assert check["loss_terms_published"]["reverse"] > 0  # computed by the published step only, no gradient
+    # train-mode teachers keep no autograd state either
+    logits, feature = teacher_predict(teachers["wide"], batch["u0"], "off", True)
+    assert logits.grad_fn is None and feature.grad_fn is None and not logits.requires_grad
 
 
 def test_student_bn_calls_off_same_gradients_other_running_statistics():
