@@ -17,13 +17,18 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture(scope="module")
+def data_root():
+    return load_tool("benchmark").ensure_toy_data(None)
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("method,setting", [("supervised", "published"), ("cps", "published"),
                                             ("mgd", "published"), ("mgd", "fast")])
-def test_cuda_step_finite(method, setting, amp):
+def test_cuda_step_finite(method, setting, amp, data_root):
     gpu_check = load_tool("gpu_check")
     nets = dict(student="mobilenet_v2", deep="resnet18", wide="resnet18")
-    row = gpu_check.method_step(method, setting, amp, 64, 4, nets, CUDA, load_tool("benchmark").ensure_toy_data(None))
+    row = gpu_check.method_step(method, setting, amp, 64, 4, nets, CUDA, data_root)
     assert row["finite"] and math.isfinite(row["loss"]) and row["peak_memory_mb"] > 0
 
 
