@@ -112,6 +112,10 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.network_calls = None             # 'separate': each network called on each input (u0, u1, u_m, x_l) on
                                        # its own, as published (BatchNorm statistics per call); 'joint': one call
                                        # on the inputs that need it, concatenated
+    C.student_bn_calls = True          # separate calls: the student also on u0 and u1 without gradient, as
+                                       # published; they only update its BatchNorm running statistics (which
+                                       # evaluation uses). False (opt-in, any setting): skipped, the same
+                                       # gradients, other running statistics
     C.cutmix_overlap = None            # 'toggle': overlapping boxes flip the mask back to 0, as published; 'union'
     C.loss_scope = None                # 'per_gpu': as published (above); 'global': normalised over the global batch
 

@@ -32,7 +32,7 @@ from furnace.data import read_list
 from furnace.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed
 from furnace.evaluate import evaluate_dataset
 from furnace.metrics import iou_per_class, mean_iou
-from furnace.methods import CPSPair, cps_step, mgd_step, resolve_amp, supervised_step
+from furnace.methods import CPSPair, amp_reason, cps_step, mgd_step, resolve_amp, supervised_step
 from furnace.models import build_segmentor, zero_init_residual_
 from furnace.quantize import Int8Teacher, argmax_agreement, int8_supported, quantize_teacher
 
@@ -216,6 +216,19 @@ def use_int8_teachers(C: EasyDict, device: torch.device) -> bool:
     return why_not is None
 
 
+def teacher_precision_reason(C: EasyDict, device: torch.device) -> str:
+    """What teacher_precision resolves to on `device` and why (a capability, then a measurement), for the logs."""
+    if C.teacher_precision == "amp":
+        return f"teachers at the student's precision (amp={C.amp!r})"
+    if C.teacher_bn == "train":
+        return f"teachers at amp={C.amp!r}: int8 needs eval-mode BatchNorm, and teacher_bn='train'"
+    if not int8_supported(device):
+        return f"teachers at amp={C.amp!r}: no int8 kernels on {device.type}"
+    return ("int8 copies tried (CPU with the quantized engine), each kept where its measured argmax agreement "
+            f"with fp32 reaches teacher_int8_min_agreement={C.teacher_int8_min_agreement}"
+            + (" (kept whatever it is: teacher_precision='int8')" if C.teacher_precision == "int8" else ""))
+
+
 def transformed_images(dataset: Dataset, C: EasyDict, count: int, stream: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """`count` training crops (images, labels or None) spread over `dataset`, augmented by the training transform
     with keys of their own: the same on every process and every run."""
@@ -300,11 +313,15 @@ class Trainer:
                              + (f"per-GPU groups of gpu_batch={C.gpu_batch} images " if group > 1 else "images ")
                              + f"each of the {self.info.world_size} processes holds (batch_size={C.batch_size}): "
                              f"every micro-batch holds whole groups; use an accum_steps that divides it")
-        C.amp = resolve_amp(C.amp, self.info.device)
+        requested_amp, C.amp = C.amp, resolve_amp(C.amp, self.info.device)
         if C.amp == "fp16" and self.info.device.type != "cuda":
             raise ValueError("config: amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
         self.snapshot_dir = osp.join(C.output_dir, "snapshot")
         self.log = self._make_logger()
+        self.log.info(f"amp={requested_amp!r} -> {C.amp!r}"
+                      + (f" ({amp_reason(self.info.device)})" if requested_amp == "auto" else " (set in the config)"))
+        if C.method == "mgd":
+            self.log.info(f"teacher_precision={C.teacher_precision!r}: {teacher_precision_reason(C, self.info.device)}")
 
         self.datasets = build_datasets(C)
         self.teachers = load_teachers(C, self.info, self.datasets, self.log) if C.method == "mgd" else None

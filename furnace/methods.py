@@ -24,18 +24,30 @@ from furnace.quantize import Int8Teacher
 Terms = Dict[str, torch.Tensor]
 
 
+def native_bf16() -> bool:
+    """This CPU computes bf16 natively (AVX512-BF16 or AMX, as oneDNN reports it). A capability, not a CPU name:
+    it holds on every CPU seen (AVX2-only ones report False, AVX-512 BF16 ones True)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
     """'auto' -> 'bf16' on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), 'off' elsewhere: on a CPU
     without them bf16 is emulated, and a ResNet-18 DeepLabv3+ step measured 5-9x slower than fp32 (AVX2)."""
     if amp != "auto":
         return amp
+    return "bf16" if device.type == "cuda" or native_bf16() else "off"
+
+
+def amp_reason(device: torch.device) -> str:
+    """Why amp='auto' resolves as it does on `device`, for the logs."""
     if device.type == "cuda":
-        return "bf16"
-    try:
-        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        native_bf16 = False
-    return "bf16" if native_bf16 else "off"
+        return "CUDA: bf16 autocast"
+    if native_bf16():
+        return "CPU with native bf16 (oneDNN reports AVX512-BF16 or AMX): bf16 autocast"
+    return "CPU without native bf16 (oneDNN reports no AVX512-BF16 / AMX; bf16 would be emulated, slower): fp32"
 
 
 def autocast(device: torch.device, amp: str):
@@ -261,7 +273,8 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
     u0 and u1 (without gradient), u_m, then x_l. The published code uses the student's u0/u1 predictions only
     for reverse terms (teacher vs student pseudo-label) that carry no gradient, so those terms are not
     computed; the calls are kept because in train mode they update the student's BatchNorm running
-    statistics, which evaluation uses. 'joint': the student sees x_l and u_m in one call, each teacher all
+    statistics, which evaluation uses (C.student_bn_calls=False skips them: the same gradients, other running
+    statistics). 'joint': the student sees x_l and u_m in one call, each teacher all
     its inputs in one call."""
     x_l, y_l, u0, u1, mask = batch["x_l"], batch["y_l"], batch["u0"], batch["u1"], batch["mask"]
     n_l, n_u = x_l.shape[0], u0.shape[0]
@@ -291,8 +304,9 @@ def mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch: Dict[str
 
     with autocast(device, C.amp):
         if separate:
-            with torch.no_grad():
-                student(u0), student(u1)
+            if C.get("student_bn_calls", True):  # no output is used: the calls move the BatchNorm running statistics
+                with torch.no_grad():
+                    student(u0), student(u1)
             out_m = student(u_m, return_features=True)
             s_l, s_m, f_m = student(x_l).float(), out_m["logits"].float(), out_m["decoder"]
         else:

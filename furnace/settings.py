@@ -114,7 +114,8 @@ RULES: Dict[str, Check] = {
     "teacher_label_dir": optional(text),
     # how the step is computed (`setting`; None in the keys it sets: the setting's value)
     "setting": one_of("published", "fast"), "gpu_batch": integer(1),
-    "network_calls": optional(one_of("separate", "joint")), "cutmix_overlap": optional(one_of("toggle", "union")),
+    "network_calls": optional(one_of("separate", "joint")), "student_bn_calls": boolean,
+    "cutmix_overlap": optional(one_of("toggle", "union")),
     "loss_scope": optional(one_of("per_gpu", "global")),
     # loss weights
     "sup_weight": number(0), "cps_weight": number(0), "pixel_unlabeled_weight": number(0),

@@ -12,7 +12,7 @@ import pytest
 import torch
 from easydict import EasyDict
 
-from furnace.config import new_config
+from furnace.config import new_config, resolve
 from furnace.methods import _FOLDED, fold_batchnorm, folded_teacher, mgd_step, teacher_predict
 from furnace.models import build_segmentor
 from furnace.quantize import int8_engine, int8_supported
@@ -61,12 +61,30 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
     assert check["grad_max_abs"] > 0
     assert check["loss_terms_max_abs_diff"] < 1e-4
     assert set(check["loss_terms_published"]) - set(check["loss_terms_ours"]) == {"reverse"}
-    # FLOPs: the published step does exactly two extra student forwards (u0 and u1, no gradient)
+    # the published setting computes the published schedule's update with train-mode BatchNorm too: the same
+    # student gradients and BatchNorm running statistics (separate calls in the same order), no reverse terms
+    assert "speedup_published_setting" in saved and saved["speedup_published_setting"] > 0
+    assert saved["grad_max_rel_diff_train_bn"] < 1e-5
+    train_bn = saved["gradient_check_train_bn"]
+    assert train_bn["grad_max_abs"] > 0 and train_bn["bn_buffers_max_rel_diff"] < 1e-6
+    assert set(train_bn["loss_terms_published"]) - set(train_bn["loss_terms_published_setting"]) == {"reverse"}
+    setting = saved["steps"]["published_setting"]
+    assert (setting["teacher_bn"], setting["teacher_labels"], setting["precision"]) == ("train", "online", "off")
+    assert saved["published_setting_amp_auto"]["amp"] in ("off", "bf16")
+    assert ("published_setting_amp" in saved["steps"]) == (saved["published_setting_amp_auto"]["amp"] != "off")
+    # FLOPs of the three schedules: the published setting makes every network call of the published schedule
+    # (its only saving, the reverse terms, has no matrix products); the published step does exactly two extra
+    # student forwards (u0 and u1, no gradient) over ours online
     flops = load_tool("flops")
     with torch.device("meta"):
         student = build_segmentor("mobilenet_v2", 21).train()
         extra = flops.count_flops(student, torch.empty(2 * 2, 3, 32, 32))
     assert saved["flops_per_step"]["published"] - saved["flops_per_step"]["ours_online"] == extra
+    assert saved["flops_per_step"]["published_setting"] == saved["flops_per_step"]["published"]
+    # opt-in student_bn_calls=False: the same two student forwards fewer
+    assert saved["flops_per_step"]["published_setting"] - saved["flops_per_step"]["published_setting_lean"] == extra
+    assert saved["speedup_published_setting_lean"] > 0
+    assert saved["flop_bound_published_setting"] == 1.0 < saved["flop_bound_published_setting_lean"]
     # ours (offline teachers, the default): the same student work, teachers on u_m only (n_u images, not 3 n_u + n_l)
     teacher_saved = sum(saved["flops_teachers_per_step"].values()) - sum(saved["flops_teachers_per_step_offline"].values())
     assert saved["flops_per_step"]["ours_online"] - saved["flops_per_step"]["ours"] == teacher_saved > 0
@@ -77,7 +95,7 @@ def test_tiny_benchmark_run(benchmark, toy_root, tmp_path, capsys):
     assert all(0 <= v <= 1 for v in offline["agreement_with_online"].values())
     assert saved["speedup_online_vs_published"] > 0 and offline["speedup_vs_online"] > 0
     assert saved["steps"]["ours"]["teacher_labels"] == "offline" and saved["steps"]["ours_online"]["teacher_labels"] == "online"
-    for name in ("ours", "published", "ours_online"):
+    for name in ("ours", "published", "ours_online", "published_setting"):
         sec = saved["steps"][name]["seconds"]
         assert set(sec) == {"data", "teacher", "student_forward", "backward", "optimizer", "step"}
         assert all(v >= 0 for v in sec.values()) and sec["teacher"] > 0
@@ -138,6 +156,55 @@ def test_published_step_same_gradient_as_ours(benchmark):
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
     assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()
     assert terms["reverse"] > 0  # the published reverse terms are there, and carry no gradient
+
+
+def test_published_setting_same_update_as_published_schedule_in_train_bn(benchmark):
+    """Train-mode BatchNorm for student and teachers, as both train: the published setting's step gives the
+    published schedule's student gradients and BatchNorm running statistics (one GPU's batch of 2 images)."""
+    torch.manual_seed(0)
+    C = resolve(EasyDict(dict(new_config("voc", __file__), num_classes=5, class_names=list("abcde"),
+                              setting="published")))
+    assert (C.teacher_bn, C.network_calls, C.loss_scope, C.amp) == ("train", "separate", "per_gpu", "off")
+    student = build_segmentor("mobilenet_v2", 5).train()
+    teachers = {r: random_bn(build_segmentor("resnet18", 5), i).train().requires_grad_(False)
+                for i, r in enumerate(("deep", "wide"))}
+    g = torch.Generator().manual_seed(1)
+    batch = dict(x_l=torch.randn(2, 3, 40, 40, generator=g), u0=torch.randn(2, 3, 40, 40, generator=g),
+                 u1=torch.randn(2, 3, 40, 40, generator=g), y_l=torch.randint(0, 5, (2, 40, 40), generator=g),
+                 mask=(torch.rand(2, 1, 40, 40, generator=g) > 0.5).float())
+    batch["y_l"][:, :4] = 255
+    check = benchmark.gradient_check_train_bn(student, teachers, batch, C, torch.device("cpu"))
+    assert check["grad_max_abs"] > 0
+    assert check["grad_max_rel_diff"] <= 1e-6 and check["bn_buffers_max_rel_diff"] <= 1e-6
+    assert check["loss_terms_max_abs_diff"] <= 1e-5
+    assert check["loss_terms_published"]["reverse"] > 0  # computed by the published step only, no gradient
+    # train-mode teachers keep no autograd state either
+    logits, feature = teacher_predict(teachers["wide"], batch["u0"], "off", True)
+    assert logits.grad_fn is None and feature.grad_fn is None and not logits.requires_grad
+
+
+def test_student_bn_calls_off_same_gradients_other_running_statistics():
+    """student_bn_calls=False (opt-in) skips the student's no-grad calls on u0 and u1: the gradients stay, the
+    student's BatchNorm running statistics (which only those calls would have moved further) differ."""
+    torch.manual_seed(0)
+    C = resolve(EasyDict(dict(new_config("voc", __file__), num_classes=4, class_names=list("abcd"),
+                              setting="published")))
+    assert C.student_bn_calls is True  # the published default
+    student = build_segmentor("mobilenet_v2", 4).train()
+    teachers = {r: build_segmentor("resnet18", 4).train().requires_grad_(False) for r in ("deep", "wide")}
+    g = torch.Generator().manual_seed(2)
+    batch = dict(x_l=torch.randn(2, 3, 33, 33, generator=g), u0=torch.randn(2, 3, 33, 33, generator=g),
+                 u1=torch.randn(2, 3, 33, 33, generator=g), y_l=torch.randint(0, 4, (2, 33, 33), generator=g),
+                 mask=(torch.rand(2, 1, 33, 33, generator=g) > 0.5).float())
+    grads, buffers = [], []
+    for calls in (True, False):
+        net = copy.deepcopy(student)
+        loss, _ = mgd_step(net, teachers, batch, EasyDict(dict(C, student_bn_calls=calls)), torch.device("cpu"))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        buffers.append(torch.cat([b.flatten().float() for b in net.buffers()]))
+    assert (grads[0] - grads[1]).abs().max() <= 1e-6 * grads[0].abs().max()
+    assert not torch.allclose(buffers[0], buffers[1])
 
 
 def test_teacher_predict_folds_batchnorm_exactly():

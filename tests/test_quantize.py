@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
+from easydict import EasyDict
 
 from furnace.config import collect_overrides, resolve
 from furnace.distributed import DistInfo
@@ -85,6 +86,24 @@ def test_amp_auto_resolves_per_device():
     assert resolve_amp("auto", torch.device("cpu")) in ("bf16", "off")
     for explicit in ("off", "bf16", "fp16"):
         assert resolve_amp(explicit, torch.device("cpu")) == explicit
+
+
+def test_auto_choices_follow_a_capability_and_say_why(monkeypatch):
+    """amp='auto' follows oneDNN's native-bf16 capability (True on AVX512-BF16 / AMX CPUs, False on AVX2-only
+    ones), never a CPU name; the reasons the trainer logs name the choice."""
+    import furnace.methods as methods
+    from furnace.engine import teacher_precision_reason
+    cpu = torch.device("cpu")
+    for native, want in ((True, "bf16"), (False, "off")):
+        monkeypatch.setattr(methods, "native_bf16", lambda native=native: native)
+        assert methods.resolve_amp("auto", cpu) == want
+        assert ("native bf16" in methods.amp_reason(cpu)) and (("without" in methods.amp_reason(cpu)) != native)
+    C = EasyDict(teacher_precision="auto", teacher_bn="train", amp="off", teacher_int8_min_agreement=0.98)
+    assert "eval-mode" in teacher_precision_reason(C, cpu)
+    C.teacher_bn = "eval"
+    if int8_supported(cpu):
+        assert "int8 copies tried" in teacher_precision_reason(C, cpu) and "0.98" in teacher_precision_reason(C, cpu)
+    assert "no int8 kernels" in teacher_precision_reason(C, torch.device("cuda"))
 
 
 @pytest.fixture(scope="module")

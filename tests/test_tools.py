@@ -115,3 +115,16 @@ def test_toy_benchmark_summary_and_teachers_check(tmp_path, capsys):
         bench.main(["--only", "mgd,mgd-fast,nope", "--out", str(tmp_path / "out")])
     assert "no stage tagged nope" in capsys.readouterr().err
     assert {"supervised", "mgd", "mgd-fast", "mgd-fast-pergpu"} <= {s.tag for s in bench.benchmark_stages()}
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    """tools/gpu_check.py (what tools/gpu_check.sh runs on a GPU) end to end on CPU at its tiny size, without the
+    CUDA tests and the benchmark (tests/test_benchmark.py runs that): every method's step finite, one table."""
+    gpu_check = load_tool("gpu_check")
+    R = gpu_check.main(["--device", "cpu", "--tiny", "--skip-tests", "--skip-benchmark", "--workers", "0",
+                        "--json", str(tmp_path / "g.json")])
+    assert [(s["method"], s["setting"]) for s in R["steps"]] == [("supervised", "published"), ("cps", "published"),
+                                                                 ("mgd", "published"), ("mgd", "fast")]
+    assert all(s["finite"] for s in R["steps"])
+    assert R["loader"][0]["images_per_second"] > 0
+    assert "train step mgd" in gpu_check.table(R) and json.loads((tmp_path / "g.json").read_text())["steps"]

@@ -22,7 +22,10 @@ does not depend on the weights; the argmax agreement of low-precision teachers d
              (--teacher-precision auto).
   flops      FLOPs of one step, forward and backward, from torch.utils.flop_counter on 'meta' tensors
              (2 x multiply-accumulates of convolutions and matrix products; nothing is computed).
-  gradient   published and ours online on one batch (cut to --grad-crop), teachers in the same (eval) BN mode,
+  gradient   (train BN) the published setting (mgd_step, setting='published') against published_mgd_step on one
+             batch (cut to --grad-crop), student and teachers in train-mode BatchNorm as both train, fp32: the
+             student gradients (grad_max_rel_diff_train_bn) and its BN running statistics must agree.
+  gradient   (eval BN) published and ours online on one batch (cut to --grad-crop), teachers in the same (eval) BN mode,
              fp32, the student in eval mode: the student gradients must agree (grad_max_rel_diff). (The offline
              step equals the online one when handed the online argmax: tests/test_teacher_labels.py.) The student is
              in eval mode because ours runs x_l and u_m through the student in ONE call, so train-mode
@@ -33,8 +36,10 @@ does not depend on the weights; the argmax agreement of low-precision teachers d
              their cost, and their agreement with the online teachers' argmax on the same augmented crops.
   steps      ours (furnace.methods.mgd_step in the fast setting: offline teachers), ours_online (the
              same with teacher_labels='online': teachers on every crop of every step) and published
-             (published_mgd_step below), plus ours_fp32 (ours with fp32 student and teachers) when ours uses
-             another precision, on batches from the real dataset readers (the training transform at the crop,
+             (published_mgd_step below), published_setting (mgd_step under setting='published': what the paper's
+             experiments run; fp32, and published_setting_amp at amp='auto' where that is not fp32 on this
+             device), published_setting_lean (the same with the opt-in student_bn_calls=False), plus ours_fp32
+             (ours with fp32 student and teachers) when ours uses another precision, on batches from the real dataset readers (the training transform at the crop,
              config's num_workers, three streams as in the Trainer), interleaved step by step so all see the
              same machine load; median over --repeats after --warmup of: data wait, teacher inference,
              student forward (+ losses), backward, optimizer.
@@ -103,10 +108,11 @@ def published_mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch
 
     Same loss terms and weights as furnace.methods.mgd_step (same functions, so the gradient-carrying
     terms are identical), scheduled as published:
-      * the student is called four times: on x_l and on u_m with gradient, on u0 and u1 without
-        (those two predictions only serve the reverse terms below);
-      * each teacher is called four times, separately on x_l, u0, u1 and u_m, under no_grad, in whatever BN
-        mode the caller left it in (published: train mode, i.e. batch statistics of each call);
+      * in the published order (ALGORITHM.md, "One MGD training step"): each teacher on u0 and u1, then the
+        student and each teacher on u_m, then on x_l; the student on u0 and u1 too, without gradient (those two
+        predictions only serve the reverse terms below), before u_m. Every call is separate, so in train mode
+        each normalises with its own batch statistics and updates the BatchNorm running statistics in turn;
+      * the teachers run under no_grad, in whatever BN mode the caller left them in (published: train mode);
       * the reverse terms CE(teacher logits, argmax student) are computed and added to the loss. Teachers are
         frozen and an argmax carries no gradient, so they change the loss value, never the gradient;
       * fp32 throughout (no autocast), NCHW.
@@ -116,17 +122,26 @@ def published_mgd_step(student: nn.Module, teachers: Dict[str, nn.Module], batch
     n_u = u0.shape[0]
     u_m = mix(u0, u1, mask)
 
-    s_l = student(x_l)                                    # labeled forward, with gradient
+    t: Dict[str, dict] = {role: {} for role in teachers}
+
+    def teachers_on(name: str, x: torch.Tensor) -> None:  # one separate call per teacher
+        with watch("teacher"), torch.no_grad():
+            for role, net in teachers.items():
+                if name == "u_m":
+                    out = net(x, return_features=True)
+                    t[role].update(u_m=out["logits"], f_m=out["decoder"])
+                else:
+                    t[role][name] = net(x)
+
+    teachers_on("u0", u0)
+    teachers_on("u1", u1)
     with torch.no_grad():                                 # wasted: only feeds the reverse terms
         s_u0, s_u1 = student(u0), student(u1)
     out_m = student(u_m, return_features=True)            # mixed forward, with gradient
     s_m, f_student = out_m["logits"], out_m["decoder"]
-
-    t = {}
-    with watch("teacher"), torch.no_grad():
-        for role, net in teachers.items():                # 4 separate calls per teacher
-            on_mix = net(u_m, return_features=True)
-            t[role] = dict(x_l=net(x_l), u0=net(u0), u1=net(u1), u_m=on_mix["logits"], f_m=on_mix["decoder"])
+    teachers_on("u_m", u_m)
+    s_l = student(x_l)                                    # labeled forward, with gradient
+    teachers_on("x_l", x_l)
     deep, wide = t["deep"], t["wide"]
 
     terms = {"sup": C.sup_weight * supervised_loss(C, s_l, y_l, 1)}
@@ -435,6 +450,39 @@ def gradient_check(student: nn.Module, teachers: Dict[str, nn.Module], batch: Ba
                      "one student call, so train-mode BN batch statistics would differ from separate calls)")
 
 
+def gradient_check_train_bn(student: nn.Module, teachers: Dict[str, nn.Module], batch: Batch, C_published: EasyDict,
+                            device: torch.device) -> dict:
+    """The published setting (mgd_step under setting='published') against the published schedule on one
+    batch, as both train: student and teachers in train-mode BatchNorm (batch statistics of each call), fp32,
+    the batch as one GPU's (gpu_batch = its size). Both call the networks separately in the published order,
+    so the student's gradients and its BatchNorm running statistics after the step must agree.
+
+    grad_max_rel_diff = max over all parameters |g_published - g_setting| / max over all parameters |g_setting|;
+    bn_buffers_max_rel_diff the same over the student's running means and variances."""
+    C32 = EasyDict(dict(C_published, amp="off", channels_last=False, gpu_batch=batch["x_l"].shape[0]))
+    train_teachers = {r: copy.deepcopy(t).float().to(memory_format=torch.contiguous_format).train()
+                      for r, t in teachers.items()}
+    grads, losses, buffers = {}, {}, {}
+    for name, step in (("published_setting", mgd_step), ("published", published_mgd_step)):
+        net = copy.deepcopy(student).float().to(memory_format=torch.contiguous_format).train()
+        loss, terms = step(net, train_teachers, batch, C32, device)
+        loss.backward()
+        grads[name] = [p.grad.detach().clone() for p in net.parameters()]
+        buffers[name] = [b.detach().clone() for b in net.buffers() if b.is_floating_point()]
+        losses[name] = {k: float(v) for k, v in terms.items()}
+
+    def rel(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
+        scale = max(float(x.abs().max()) for x in a)
+        return max(float((x - y).abs().max()) for x, y in zip(a, b)) / max(scale, 1e-30)
+    ours, pub = "published_setting", "published"
+    shared = [k for k in losses[ours] if k in losses[pub]]
+    return dict(grad_max_rel_diff=rel(grads[ours], grads[pub]), grad_max_abs=max(float(g.abs().max()) for g in grads[ours]),
+                bn_buffers_max_rel_diff=rel(buffers[ours], buffers[pub]),
+                loss_terms_published_setting=losses[ours], loss_terms_published=losses[pub],
+                loss_terms_max_abs_diff=max(abs(losses[ours][k] - losses[pub][k]) for k in shared),
+                note="student and teachers in train-mode BN, fp32, separate calls in the published order, both")
+
+
 class Streams:
     """The Trainer's three training streams (labeled, u0, u1) at the benchmark's batch, and the CutMix masks."""
 
@@ -604,11 +652,15 @@ def ensure_toy_data(path: Optional[str]) -> str:
     return osp.join(out, "pascal_voc")
 
 
-def make_config(args, data_root: str) -> EasyDict:
+def make_config(args, data_root: str, setting: str = "fast") -> EasyDict:
+    """The benchmark's config in `setting` ('fast': ours, fp32 unless the caller sets amp; 'published': the
+    setting's own keys, fp32 as published)."""
     values = dict(data_root=data_root, crop_size=args.crop, eval_crop_size=args.crop, batch_size=args.batch,
                   num_workers=args.num_workers, num_classes=args.num_classes, network=args.student,
-                  teacher_deep_network=args.deep, teacher_wide_network=args.wide, partition=8, amp="off", channels_last=False,
-                  output_dir=tempfile.gettempdir(), seed=0, setting="fast")  # 'ours': the fast setting
+                  teacher_deep_network=args.deep, teacher_wide_network=args.wide, partition=8, channels_last=False,
+                  output_dir=tempfile.gettempdir(), seed=0, setting=setting)
+    if setting == "fast":
+        values["amp"] = "off"
     values["class_names"] = (VOC_CLASS_NAMES if args.num_classes == 21
                              else [f"class{i}" for i in range(args.num_classes)])
     return resolve(new_config("voc", __file__), [(k, repr(v), "tools/benchmark.py") for k, v in values.items()])
@@ -825,6 +877,16 @@ def main(argv=None) -> dict:
     log(f"gradient check: max |g_published - g_ours| / max |g_ours| = {grad['grad_max_rel_diff']:.2e} "
         f"({grad['note']})")
 
+    # -- the published setting against the published schedule, both in train-mode BatchNorm (as they train)
+    C_set = make_config(args, data_root, "published")
+    grad_train = gradient_check_train_bn(student, teachers, grad_batch, C_set, device)
+    grad_train["crop"] = g
+    result["gradient_check_train_bn"] = grad_train
+    result["grad_max_rel_diff_train_bn"] = grad_train["grad_max_rel_diff"]
+    log(f"gradient check, published setting vs published schedule in train-mode BN: max |g_published - g_setting| "
+        f"/ max |g_setting| = {grad_train['grad_max_rel_diff']:.2e}, student BN running statistics "
+        f"{grad_train['bn_buffers_max_rel_diff']:.2e}")
+
     # -- the steps, interleaved. Ours: the project's defaults (offline teachers, eval-mode BN), the precision and
     # memory format chosen above. Published: its own teacher copies in train-mode BN, fp32, NCHW.
     C_ours = EasyDict(dict(C, amp=AMP[precision], channels_last=cl, teacher_bn="eval"))
@@ -850,6 +912,22 @@ def main(argv=None) -> dict:
                           {r: "fp32" for r in teachers}),
                  Schedule("ours_online", copy.deepcopy(student).to(memory_format=fmt), ours_teachers, C_online,
                           mgd_step, device, teacher_precision)]
+    # the published setting (furnace.methods.mgd_step, setting='published'): fp32 as published, and at amp='auto'
+    # where that resolves to another precision on this device (teachers in train-mode BN: no int8, no folding)
+    schedules.append(Schedule("published_setting", copy.deepcopy(student), pub_teachers, C_set, mgd_step, device,
+                              {r: "fp32" for r in teachers}))
+    # opt-in: without the student's no-grad calls on u0 and u1 (same gradients, other BN running statistics)
+    schedules.append(Schedule("published_setting_lean", copy.deepcopy(student), pub_teachers,
+                              EasyDict(dict(C_set, student_bn_calls=False)), mgd_step, device,
+                              {r: "fp32" for r in teachers}))
+    amp_auto = methods.resolve_amp("auto", device)
+    result["published_setting_amp_auto"] = dict(amp=amp_auto, reason=methods.amp_reason(device))
+    log(f"published setting at amp='auto': {amp_auto} ({methods.amp_reason(device)})"
+        + ("; the same as fp32, not timed twice" if amp_auto == "off" else ""))
+    if amp_auto != "off":
+        schedules.append(Schedule("published_setting_amp", copy.deepcopy(student), pub_teachers,
+                                  EasyDict(dict(C_set, amp=amp_auto)), mgd_step, device,
+                                  {r: amp_auto for r in teachers}))
     all_fp32 = precision == "fp32" and all(p == "fp32" for p in teacher_precision.values())
     if not all_fp32:  # same-precision comparison: ours with fp32 student and fp32 teachers (with offline teachers
         # the pseudo-labels it loads are the files made above: inputs, not part of the step's arithmetic)
@@ -890,6 +968,15 @@ def main(argv=None) -> dict:
     result["speedup_vs_published"] = t_pub / t_ours
     result["speedup_same_precision"] = t_pub / t_ours32
     result["speedup_online_vs_published"] = t_pub / t_online
+    # the published setting (what the paper's experiments run) against the published schedule, both fp32
+    result["speedup_published_setting"] = t_pub / steps["published_setting"]["seconds"]["step"]
+    result["speedup_published_setting_lean"] = t_pub / steps["published_setting_lean"]["seconds"]["step"]
+    # what the published setting can gain at all at the published schedule's efficiency: its FLOPs are the
+    # published schedule's (every network call is part of the update or of the BN statistics)
+    result["flop_bound_published_setting"] = flops["published"] / flops["published_setting"]
+    result["flop_bound_published_setting_lean"] = flops["published"] / flops["published_setting_lean"]
+    if "published_setting_amp" in steps:
+        result["speedup_published_setting_amp"] = t_pub / steps["published_setting_amp"]["seconds"]["step"]
     result["speedup_note"] = (f"published step (fp32, train-mode teacher BN, separate calls) over ours (offline "
                               f"teachers: pseudo-labels of x_l, u0, u1 loaded with the batch; student "
                               f"{precision}, teachers " + ", ".join(f"{r} {p}" for r, p in teacher_precision.items())
@@ -961,6 +1048,18 @@ def format_table(R: dict) -> str:
     L, E, O = R["loader"], R["eval"], R["offline_teachers"]
     lines += ["", f"speedup_vs_published = {R['speedup_vs_published']:.2f}x, speedup_same_precision = "
                   f"{R['speedup_same_precision']:.2f}x ({R['speedup_note']})",
+              f"speedup_published_setting = {R['speedup_published_setting']:.2f}x (the published schedule's step "
+              f"over the published setting's, both fp32"
+              + (f"; at amp={R['published_setting_amp_auto']['amp']}: {R['speedup_published_setting_amp']:.2f}x"
+                 if "speedup_published_setting_amp" in R else
+                 f"; amp='auto' is fp32 here: {R['published_setting_amp_auto']['reason']}")
+              + f"; opt-in student_bn_calls=False: {R['speedup_published_setting_lean']:.2f}x). FLOP bound (published "
+              f"FLOPs over the setting's): {R['flop_bound_published_setting']:.2f}x, opt-in "
+              f"{R['flop_bound_published_setting_lean']:.2f}x: teachers in train-mode BN admit no folding, int8 or "
+              "offline labels, and every call of the published schedule but the reverse terms is needed",
+              f"grad_max_rel_diff_train_bn = {R['grad_max_rel_diff_train_bn']:.2e}, student BN running statistics "
+              f"{R['gradient_check_train_bn']['bn_buffers_max_rel_diff']:.2e} (published setting vs published "
+              f"schedule, {R['gradient_check_train_bn']['note']})",
               f"utilization (ours) = {R['utilization']:.1%}, published {R['utilization_published']:.1%}: the step "
               f"time at the measured peak of each part's precision (teachers: theirs, student: its own) over the "
               f"measured step time",

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""The first run on a CUDA GPU, in one command (bash tools/gpu_check.sh, which keeps it under 8 minutes):
+
+  1. the CUDA tests (pytest -m cuda; they skip on a machine without CUDA);
+  2. one training step of each method (supervised, cps, mgd in the published and the fast setting) at the
+     published size, crop 512 and batch 8 labeled + 8 unlabeled, in bf16 and fp16: loss and gradients finite,
+     seconds (after one warm-up step), peak memory;
+  3. tools/benchmark.py at that size: the published schedule, the published setting and the fast setting;
+  4. the data loader alone per worker count against what the step consumes;
+  5. sliding-window evaluation speed (from the benchmark);
+and prints one table of all of it. Networks are random-init (speed and finiteness do not depend on weights).
+
+  python tools/gpu_check.py                       # what gpu_check.sh runs
+  python tools/gpu_check.py --device cpu --tiny --skip-tests --skip-benchmark   # CPU smoke test (fp32, CI)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import os.path as osp
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import torch
+from easydict import EasyDict
+
+from furnace.config import new_config, resolve
+from furnace.data import VOC_CLASS_NAMES
+from furnace.engine import build_datasets
+from furnace.methods import CPSPair, cps_step, mgd_step, supervised_step
+from furnace.models import build_segmentor
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", osp.join(ROOT, "tools", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def config(setting: str, amp: str, crop: int, batch: int, nets: Dict[str, str], data_root: str) -> EasyDict:
+    values = dict(setting=setting, amp=amp, crop_size=crop, eval_crop_size=crop, batch_size=batch, num_classes=21,
+                  class_names=VOC_CLASS_NAMES, network=nets["student"], teacher_deep_network=nets["deep"],
+                  teacher_wide_network=nets["wide"], data_root=data_root, output_dir=tempfile.gettempdir())
+    return resolve(new_config("voc", __file__), [(k, repr(v), "tools/gpu_check.py") for k, v in values.items()])
+
+
+def method_step(method: str, setting: str, amp: str, crop: int, batch: int, nets: Dict[str, str],
+                device: torch.device, data_root: str) -> dict:
+    """One warm-up and one timed training step (forward, backward, SGD) of `method` on random data."""
+    C = config(setting, amp, crop, batch, nets, data_root)
+    g = torch.Generator().manual_seed(0)
+    data = dict(x_l=torch.randn(batch, 3, crop, crop, generator=g), u0=torch.randn(batch, 3, crop, crop, generator=g),
+                u1=torch.randn(batch, 3, crop, crop, generator=g),
+                y_l=torch.randint(0, C.num_classes, (batch, crop, crop), generator=g),
+                mask=(torch.rand(batch, 1, crop, crop, generator=g) > 0.5).float())
+    for role in ("deep", "wide"):  # offline pseudo-labels (fast setting)
+        for view in ("l", "u0", "u1"):
+            data[f"{role}_{view}"] = torch.randint(0, C.num_classes, (batch, crop, crop), generator=g)
+    data = {k: v.to(device) for k, v in data.items()}
+    torch.manual_seed(0)
+    teachers = None
+    if method == "cps":
+        model = CPSPair(build_segmentor(nets["deep"], C.num_classes), build_segmentor(nets["deep"], C.num_classes))
+    else:
+        model = build_segmentor(nets["student"], C.num_classes)
+    model = model.to(device).train()
+    if method == "mgd":
+        teachers = {r: build_segmentor(nets[r], C.num_classes).requires_grad_(False).to(device)
+                    .train(C.teacher_bn == "train") for r in ("deep", "wide")}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        if method == "supervised":
+            loss, terms = supervised_step(model, data, C, device)
+        elif method == "cps":
+            loss, terms = cps_step(model, data, C, device)
+        else:
+            loss, terms = mgd_step(model, teachers, data, C, device)
+        scaler.scale(loss).backward()
+        grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        scaler.step(optimizer)
+        scaler.update()
+        return float(loss), grads_finite or scaler.is_enabled()  # fp16: the scaler skips non-finite steps
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    loss, grads_ok = step()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    del model, teachers, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(method=method, setting=setting, amp=amp, loss=loss, finite=math.isfinite(loss) and grads_ok,
+                seconds=seconds, peak_memory_mb=peak)
+
+
+def cuda_tests() -> dict:
+    """pytest -m cuda: its exit status and summary line."""
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", osp.join(ROOT, "tests")],
+                         cwd=ROOT, capture_output=True, text=True)
+    lines = [l for l in run.stdout.strip().splitlines() if l.strip()]
+    return dict(returncode=run.returncode, summary=lines[-1] if lines else run.stderr.strip()[-200:],
+                seconds=time.perf_counter() - t0)
+
+
+def loader_rates(bench, C: EasyDict, device: torch.device, workers: List[int], batches: int) -> Dict[int, dict]:
+    datasets = build_datasets(C)
+    out = {}
+    for w in workers:
+        out[w] = bench.loader_throughput(EasyDict(dict(C, num_workers=w)), datasets, device, batches)
+    return out
+
+
+def table(R: dict) -> str:
+    cfg = R["config"]
+    lines = [f"## GPU check: {R['device_name']}, torch {torch.__version__}, crop {cfg['crop']}, batch {cfg['batch']} "
+             f"labeled + {cfg['batch']} unlabeled; {cfg['networks']}", "",
+             "| check | setting / precision | result | seconds | peak memory (MB) |", "|---|---|---|--:|--:|"]
+    if "tests" in R:
+        t = R["tests"]
+        lines.append(f"| CUDA tests (pytest -m cuda) | - | {'ok' if t['returncode'] == 0 else 'FAILED'}: "
+                     f"{t['summary']} | {t['seconds']:.0f} | - |")
+    for s in R["steps"]:
+        mem = f"{s['peak_memory_mb']:.0f}" if s["peak_memory_mb"] is not None else "-"
+        lines.append(f"| train step {s['method']} | {s['setting']} / {s['amp']} | "
+                     f"{'finite' if s['finite'] else 'NOT FINITE'}, loss {s['loss']:.3f} | {s['seconds']:.2f} | {mem} |")
+    B = R.get("benchmark")
+    if B:
+        for name in ("published", "published_setting", "published_setting_amp", "ours", "ours_fp32"):
+            if name in B["steps"]:
+                st = B["steps"][name]
+                mem = f"{st['peak_memory_mb']:.0f}" if st["peak_memory_mb"] is not None else "-"
+                prec = "fp32" if st["precision"] == "off" else st["precision"]
+                lines.append(f"| benchmark {name} | {prec}, teachers BN {st['teacher_bn']}, {st['teacher_labels']} | "
+                             f"{st['images_per_second']:.1f} images/s, {st['utilization_by_phase']['step']:.0%} of "
+                             f"peak | {st['seconds']['step']:.3f} | {mem} |")
+        lines.append(f"| benchmark ratios | - | published / published setting {B['speedup_published_setting']:.2f}x, "
+                     f"published / fast {B['speedup_vs_published']:.2f}x; grad_max_rel_diff_train_bn "
+                     f"{B['grad_max_rel_diff_train_bn']:.1e} | - | - |")
+        E = B["eval"]
+        lines.append(f"| sliding-window eval | {E['image_size']}^2 image, crop {E['crop']}, {E['windows']} windows | "
+                     f"{E['batched_images_per_second']:.2f} images/s batched, "
+                     f"{E['one_window_per_call_images_per_second']:.2f} one window per call | - | - |")
+    consumed = R.get("step_consumes_images_per_second")
+    for w, L in R["loader"].items():
+        margin = f", {L['images_per_second'] / consumed:.1f}x what the fast step consumes" if consumed else ""
+        lines.append(f"| loader, {w} workers per stream | 3 streams | {L['images_per_second']:.0f} images/s{margin} | "
+                     f"{L['startup_seconds']:.1f} start-up | - |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="crop 32, batch 2, mobilenet_v2 / resnet18 nets (CPU smoke test)")
+    p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m cuda")
+    p.add_argument("--skip-benchmark", action="store_true", help="do not run tools/benchmark.py")
+    p.add_argument("--workers", type=int, nargs="+", help="loader workers per stream to measure (default 0 2 4 8)")
+    p.add_argument("--json", help="write all figures to this file")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device (use --device cpu --tiny for the smoke test)")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    crop, batch = (32, 2) if args.tiny else (512, 8)
+    nets = (dict(student="mobilenet_v2", deep="resnet18", wide="resnet18") if args.tiny
+            else dict(student="resnet18", deep="resnet101", wide="wide_resnet50_2"))
+    bench = load_benchmark()
+    data_root = bench.ensure_toy_data(None)
+    R: dict = dict(config=dict(crop=crop, batch=batch, networks=nets, device=str(device)),
+                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
+    if not args.skip_tests:
+        R["tests"] = cuda_tests()
+        print(f"CUDA tests: {R['tests']['summary']}", flush=True)
+    precisions = ["bf16", "fp16"] if device.type == "cuda" else ["off"]  # CPU: bf16 is emulated on most
+    R["steps"] = []
+    for method, setting in (("supervised", "published"), ("cps", "published"), ("mgd", "published"), ("mgd", "fast")):
+        for amp in precisions:
+            R["steps"].append(method_step(method, setting, amp, crop, batch, nets, device, data_root))
+            s = R["steps"][-1]
+            print(f"step {method} {setting} {amp}: loss {s['loss']:.3f}, finite {s['finite']}, {s['seconds']:.2f} s",
+                  flush=True)
+    if not args.skip_benchmark:
+        bargs = ["--device", args.device, "--crop", str(crop), "--batch", str(batch), "--repeats", "3",
+                 "--offline-images", "16", "--eval-size", str(2 * crop), "--data-root", data_root]
+        R["benchmark"] = bench.main((["--tiny"] if args.tiny else []) + bargs)
+        R["step_consumes_images_per_second"] = R["benchmark"]["steps"]["ours"]["images_per_second"]
+    C = config("fast", "off", crop, batch, nets, data_root)
+    R["loader"] = loader_rates(bench, C, device, args.workers or ([0, 2] if args.tiny else [0, 2, 4, 8]), 4 if args.tiny else 12)
+    print("\n" + table(R), flush=True)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(R, f, indent=1, default=str)
+    return R
+
+
+if __name__ == "__main__":
+    main()
