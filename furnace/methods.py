@@ -35,7 +35,7 @@ def native_bf16() -> bool:
 
 def resolve_amp(amp: str, device: torch.device) -> str:
     """'auto' -> 'bf16' on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), 'off' elsewhere: on a CPU
-    without them bf16 is emulated, and a ResNet-18 DeepLabv3+ step measured 5-9x slower than fp32 (AVX2)."""
+    without them bf16 is emulated and several times slower than fp32 (README, "Performance")."""
     if amp != "auto":
         return amp
     return "bf16" if device.type == "cuda" or native_bf16() else "off"
@@ -166,10 +166,9 @@ class CPSPair(nn.Module):
 # The folded copy skips one full read and write of every activation per BatchNorm and gives the same logits
 # up to float rounding. It is built on first use (a second or so), kept per teacher and memory format
 # (weakly, so it goes away with the teacher) and rebuilt when any of the teacher's tensors changes
-# (load_state_dict, .to()). Measured with tools/benchmark.py on an idle 2-core AVX2 CPU, crop 321, 2 images:
-# folding alone 1.01-1.03x, folding in channels_last (NHWC, oneDNN's native layout: no reorder around each
-# convolution) 1.2-1.3x faster than the plain NCHW teacher (ResNet-101 573 -> 433 ms/image, WRN-50-2
-# 678 -> 563), same argmax; on a loaded machine the gap grows to 1.5-2x.
+# (load_state_dict, .to()). On CPU the folded copy runs channels_last (NHWC, oneDNN's native layout: no
+# reorder around each convolution), which is where most of its speed comes from (tools/benchmark.py measures
+# it; figures in README, "Performance").
 _FOLDED: "weakref.WeakKeyDictionary[nn.Module, Dict[bool, Tuple[tuple, Optional[nn.Module]]]]" = \
     weakref.WeakKeyDictionary()
 _FOLD_CHECK_SIZE = 64  # side of the one small input on which a new folded copy is checked against the teacher

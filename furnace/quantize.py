@@ -11,10 +11,8 @@ copy is checked on held-out images against the fp32 teacher (argmax agreement, i
 `teacher_precision='auto'` only keeps it above `teacher_int8_min_agreement`.
 
 The int8 kernels are oneDNN's where this torch has them (quantized engine 'onednn'; the packed weights keep
-their engine, so the copy runs oneDNN kernels whatever the global engine is later). On the 2-core Zen 2 EPYC
-(AVX2, no VNNI), toy-trained teachers at crop 321, oneDNN took ResNet-101 DeepLabv3+ from 466 (x86/fbgemm
-engine) to 404 ms/image and WRN-50-2 from 604 to 512, against 486 and ~670 fp32 (BN folded, channels_last);
-argmax agreement with fp32 0.9983 / 0.9980 (fbgemm: 0.9981 / 0.9979).
+their engine, so the copy runs oneDNN kernels whatever the global engine is later); oneDNN was faster than
+the x86/fbgemm engine on the CPUs measured, at the same argmax agreement (README, "Performance").
 
 torch.ao.quantization is deprecated in favour of torchao (whose CPU int8 path needs torch.compile); it is
 present and works in the pinned torch 2.13. Where it is missing, int8_supported() is False and
@@ -66,7 +64,7 @@ class Int8Teacher(nn.Module):
         return {"logits": logits, "decoder": decoder} if return_features else logits
 
 
-PREFERRED_ENGINE = "onednn"  # measured faster than the default 'x86' (fbgemm) engine, see above
+PREFERRED_ENGINE = "onednn"  # faster than the default 'x86' (fbgemm) engine where measured, see above
 # Observers of the 'x86' default: 7-bit activation ranges (reduce_range), which cannot saturate the 16-bit
 # intermediate sums of int8 dot products on CPUs without VNNI (oneDNN's own default, 8-bit, can).
 QCONFIG = "x86"
