@@ -49,7 +49,7 @@ IDENTITY_EXCLUDED = frozenset({
     "eval_mode", "eval_crop_size", "eval_stride_rate", "eval_scales", "eval_flip", "val_every", "val_images"})
 # Identity keys added after runs were recorded, with the value that computes what those runs computed: a
 # recorded identity without one of them is read with that value (an old run's folder stays its own).
-ADDED_KEYS = {"accum_steps": 1}
+ADDED_KEYS = {"accum_steps": 1, "student_bn_calls": True}
 RUN_FILE = "run.json"
 LOCK_FILE = "train.lock"
 

@@ -260,3 +260,13 @@ def test_killed_script_sh_leaves_no_trainer(toy, tmp_path, ngpus, kill):
     for pid in left:  # clean up before failing
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left after killing script.sh: {left} (trainer {trainer})"
+
+
+def test_keys_added_later_read_with_the_values_old_runs_computed(tmp_path):
+    """A run.json written before accum_steps and student_bn_calls existed is read with accum_steps=1 and
+    student_bn_calls=True (what those runs did), so its folder still accepts a resume of the same settings."""
+    from furnace.run import ADDED_KEYS, recorded_identity
+    (tmp_path / "run.json").write_text(json.dumps({"identity": {"method": "mgd", "lr": 0.0025}}))
+    identity, source, _ = recorded_identity(str(tmp_path))
+    assert identity == {"accum_steps": 1, "student_bn_calls": True, "method": "mgd", "lr": 0.0025}
+    assert source == str(tmp_path / "run.json") and set(ADDED_KEYS) == {"accum_steps", "student_bn_calls"}
