@@ -125,3 +125,16 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, device))
     return module
+
+
+def synchronised_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
+    """BatchNorm with statistics over the global batch: PyTorch's SyncBatchNorm on CUDA when distributed,
+    furnace's ProcessSyncBatchNorm on CPU, even in a single process.
+
+    Why even with one CPU process: PyTorch's CPU BatchNorm and ProcessSyncBatchNorm round differently in the
+    last bit, and randomly initialised BatchNorm networks amplify last-bit differences enormously, so a
+    1-process run matches an N-process run only if both run the same BatchNorm arithmetic (tests/test_reliability.py
+    compares them)."""
+    if info.distributed or info.device.type == "cpu":
+        return convert_sync_batchnorm(model, info.device)
+    return model

@@ -1,9 +1,10 @@
-"""The training engine: data streams, models, optimiser, checkpoints and the loop, for every method.
+"""The training engine: data streams, model, optimiser, checkpoints, validation and the loop, for any method.
 
-Determinism: the augmentation of every sample is a pure function of (seed, stream, epoch, position in the
-epoch) and the CutMix boxes of every step a function of (seed, iteration). Training state is therefore
-just weights, optimiser and iteration counter, which makes `--resume` exact and lets 1 and N processes
-see the same global batch.
+What differs between methods (their data, model, step and checkpoint contents) is behind
+furnace.methods.base.Method; this file names none of them. Determinism (furnace.sampling): the augmentation
+of every sample and the CutMix boxes of every step are functions of the seed and the position in training,
+so training state is just weights, optimiser and iteration counter, which makes `--resume` exact and lets
+1 and N processes see the same global batch.
 """
 import argparse
 import glob
@@ -22,91 +23,23 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from easydict import EasyDict
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from furnace import run, teacher_labels
-from furnace.checkpoint import load_checkpoint, save_checkpoint, segmentor_from_checkpoint
-from furnace.config import config_from_cli, crop_hw
+from furnace import run
+from furnace.amp import amp_reason, resolve_amp
+from furnace.checkpoint import load_checkpoint, save_checkpoint
+from furnace.config import config_from_cli
 from furnace.data import read_list
-from furnace.distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed
+from furnace.distributed import all_reduce_sum, init_distributed, synchronised_batchnorm
 from furnace.evaluate import evaluate_dataset
+from furnace.methods import build_method
 from furnace.metrics import iou_per_class, mean_iou
-from furnace.methods import CPSPair, amp_reason, cps_step, mgd_step, resolve_amp, supervised_step
 from furnace.models import build_segmentor, zero_init_residual_
-from furnace.quantize import Int8Teacher, argmax_agreement, int8_supported, quantize_teacher
-
-LABELED, UNLABELED_0, UNLABELED_1, CUTMIX, CALIBRATION = 0, 1, 2, 3, 4  # random streams
+from furnace.sampling import LABELED, UNLABELED_0, UNLABELED_1, cutmix_masks, micro_batches, stream_loader, training_batch
 
 
 # ----------------------------------------------------------------------------------------------- data
-class EpochSampler(Sampler):
-    """One epoch of one process's samples, each as (index, augmentation key).
-
-    The epoch's global order is a seeded shuffle (repeated as needed) cut into global batches of
-    `global_batch`; process r takes positions r, r + W, r + 2W, ... of each global batch. `start` skips the
-    epoch's first `start` global batches (a resume in the middle of an epoch) without reading them."""
-
-    def __init__(self, n: int, global_batch: int, iters: int, seed: int, stream: int, epoch: int,
-                 rank: int = 0, world_size: int = 1, start: int = 0):
-        self.n, self.global_batch, self.iters, self.start = n, global_batch, iters, start
-        self.key = (seed, stream, epoch)
-        self.rank, self.world_size = rank, world_size
-
-    def __iter__(self) -> Iterator[Tuple[int, Tuple[int, ...]]]:
-        rng = np.random.default_rng(self.key)
-        total = self.iters * self.global_batch
-        order = np.concatenate([rng.permutation(self.n) for _ in range(math.ceil(total / self.n))])
-        for pos in range(self.start * self.global_batch + self.rank, total, self.world_size):
-            yield int(order[pos]), self.key + (pos,)
-
-    def __len__(self) -> int:
-        return (self.iters - self.start) * self.global_batch // self.world_size
-
-
-def stream_loader(dataset: Dataset, C: EasyDict, info: DistInfo, stream: int, epoch: int, iters: int,
-                  start: int = 0) -> DataLoader:
-    sampler = EpochSampler(len(dataset), C.batch_size, iters, C.seed, stream, epoch, info.rank, info.world_size,
-                           start)
-    return DataLoader(dataset, batch_size=C.batch_size // info.world_size, sampler=sampler,
-                      num_workers=C.num_workers, pin_memory=info.device.type == "cuda", drop_last=False)
-
-
-def training_batch(labeled: dict, unlabeled_0: dict, unlabeled_1: dict) -> Dict[str, torch.Tensor]:
-    """One step's batch from the three streams' samples: x_l, y_l, u0, u1, and with offline teachers
-    (furnace.teacher_labels) each teacher's pseudo-labels <role>_l, <role>_u0, <role>_u1."""
-    batch = {"x_l": labeled["image"], "y_l": labeled["label"], "u0": unlabeled_0["image"], "u1": unlabeled_1["image"]}
-    for role in teacher_labels.ROLES:
-        if f"teacher_{role}" in unlabeled_0:
-            batch.update({f"{role}_l": labeled[f"teacher_{role}"], f"{role}_u0": unlabeled_0[f"teacher_{role}"],
-                          f"{role}_u1": unlabeled_1[f"teacher_{role}"]})
-    return batch
-
-
-def cutmix_masks(C: EasyDict, info: DistInfo, iteration: int) -> torch.Tensor:
-    """This process's share of the step's global batch of CutMix masks."""
-    from furnace.data import cutmix_box_mask
-    seed = int(np.random.SeedSequence([C.seed, CUTMIX, iteration]).generate_state(1)[0])
-    h, w = crop_hw(C.crop_size)
-    masks = cutmix_box_mask(C.batch_size, h, w, generator=torch.Generator().manual_seed(seed),
-                            toggle_overlaps=C.cutmix_overlap == "toggle")
-    return masks[info.rank::info.world_size]
-
-
-def micro_batches(n: int, group: int, accum: int) -> List[torch.Tensor]:
-    """Indices cutting a process batch of n images into `accum` micro-batches (gradient accumulation), each
-    made of whole groups of `group` images (image j is in group j mod n // group, as furnace.methods.per_gpu_mean
-    groups them) and ordered so that per_gpu_mean finds the same groups in the micro-batch.
-
-    Micro-batch m holds the process's groups m * q ... (m + 1) * q - 1 (q = groups per micro-batch). The
-    sampler deals global groups to processes in turn, so over all processes micro-batch m holds global groups
-    m * Q ... (m + 1) * Q - 1 whatever the process count: BatchNorm (synchronised across processes) normalises
-    the same images in 1 and N processes. With group 1 (loss_scope='global') it is the m-th contiguous slice."""
-    k = n // group
-    q = k // accum
-    return [torch.tensor([m * q + g + k * t for t in range(group) for g in range(q)]) for m in range(accum)]
-
-
 def peak_memory(device: torch.device) -> str:
     """This process's peak memory so far: CUDA memory allocated by tensors, or on CPU the peak resident set."""
     if device.type == "cuda":
@@ -114,10 +47,11 @@ def peak_memory(device: torch.device) -> str:
     return f"peak_mem={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MiB(rss)"  # KiB on Linux
 
 
-def build_datasets(C: EasyDict) -> Dict[str, Dataset]:
-    """The training datasets the method needs, checked file by file before any training."""
+def build_datasets(C: EasyDict, unlabeled: bool) -> Dict[str, Dataset]:
+    """The training datasets (labeled, and unlabeled if the method uses them), checked file by file before any
+    training."""
     from furnace.data import build_dataset, check_dataset
-    splits = ["labeled"] + (["unlabeled"] if C.method in ("cps", "mgd") else [])
+    splits = ["labeled"] + (["unlabeled"] if unlabeled else [])
     datasets = {s: build_dataset(C, s) for s in splits}
     for ds in datasets.values():
         check_dataset(ds)
@@ -142,136 +76,6 @@ def validation_dataset(C: EasyDict) -> Dataset:
     if C.val_images is not None and C.val_images < len(dataset):
         dataset = Subset(dataset, np.linspace(0, len(dataset) - 1, C.val_images).round().astype(int).tolist())
     return dataset
-
-
-# ----------------------------------------------------------------------------------------- teachers
-def synchronised_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
-    """BatchNorm with statistics over the global batch: PyTorch's SyncBatchNorm on CUDA when distributed,
-    furnace's ProcessSyncBatchNorm on CPU, even in a single process.
-
-    Why even with one CPU process: PyTorch's CPU BatchNorm and ProcessSyncBatchNorm round differently in the
-    last bit, and randomly initialised BatchNorm networks amplify last-bit differences enormously (on
-    MobileNet-v2, weights 1 ulp apart give next gradients ~0.3% apart), so a 1-process run matches an
-    N-process run only if both run the same BatchNorm arithmetic (with PyTorch's BatchNorm in the 1-process
-    run, the weights of the two differed by 0.6% after a single step)."""
-    if info.distributed or info.device.type == "cpu":
-        return convert_sync_batchnorm(model, info.device)
-    return model
-
-
-def same_split(trained_with: str, current: str) -> bool:
-    """Whether the split list a teacher was trained with is this run's: the same path, or a list of the same
-    name holding the same images in any order (the data was copied or moved; if the old list is gone, the
-    name decides)."""
-    if trained_with == current:
-        return True
-    if osp.basename(trained_with) != osp.basename(current):
-        return False
-    if not osp.isfile(trained_with) or not osp.isfile(current):
-        return True
-    return set(read_list(trained_with)) == set(read_list(current))
-
-
-def load_teachers(C: EasyDict, info: DistInfo, datasets: Optional[Dict[str, Dataset]] = None,
-                  log: Optional[logging.Logger] = None) -> Dict[str, nn.Module]:
-    """The two frozen teachers named in the config, checked before any training; int8 copies of them where
-    C.teacher_precision asks for it (see int8_teachers; needs `datasets` for the calibration images).
-
-    With teacher_bn='train' a teacher normalises with batch statistics, which must then span the global
-    batch (synchronised BatchNorm) for N processes to compute what one process does."""
-    teachers = {}
-    for role in ("deep", "wide"):
-        path, network = C[f"teacher_{role}"], C[f"teacher_{role}_network"]
-        if not path:
-            raise ValueError(f"config: method 'mgd' needs teacher_{role} (a {network} checkpoint)")
-        ckpt = load_checkpoint(path)
-        teacher = segmentor_from_checkpoint(ckpt, path, network, C.num_classes, role=f"teacher_{role}")
-        trained_on = ckpt.get("config", {})
-        for key, same in (("dataset", lambda a, b: a == b), ("labeled_list", same_split)):
-            if key in trained_on and not same(trained_on[key], C[key]):
-                raise ValueError(f"teacher_{role} {path} was trained with {key}={trained_on[key]!r}, "
-                                 f"this run has {key}={C[key]!r}")
-        if C.teacher_bn == "train":
-            teacher = synchronised_batchnorm(teacher, info)
-        teacher.requires_grad_(False)  # after the BatchNorm conversion, whose new modules have fresh parameters
-        teacher.train(C.teacher_bn == "train")
-        if C.channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)
-        teachers[role] = teacher.to(info.device)
-    if use_int8_teachers(C, info.device):
-        if datasets is None:
-            raise ValueError("load_teachers: int8 teachers need the training datasets for calibration")
-        teachers = int8_teachers(teachers, C, datasets, log or logging.getLogger(__name__))
-    return teachers
-
-
-def use_int8_teachers(C: EasyDict, device: torch.device) -> bool:
-    """Whether to try int8 teachers: teacher_precision 'int8', or 'auto' on a CPU with int8 kernels."""
-    if C.teacher_precision == "amp":
-        return False
-    why_not = ("teacher_bn='train' (batch statistics)" if C.teacher_bn == "train" else
-               f"device {device.type}" if not int8_supported(device) else None)
-    if why_not and C.teacher_precision == "int8":
-        raise ValueError(f"config: teacher_precision='int8' is for eval-mode teachers on a CPU, not with {why_not}")
-    return why_not is None
-
-
-def teacher_precision_reason(C: EasyDict, device: torch.device) -> str:
-    """What teacher_precision resolves to on `device` and why (a capability, then a measurement), for the logs."""
-    if C.teacher_precision == "amp":
-        return f"teachers at the student's precision (amp={C.amp!r})"
-    if C.teacher_bn == "train":
-        return f"teachers at amp={C.amp!r}: int8 needs eval-mode BatchNorm, and teacher_bn='train'"
-    if not int8_supported(device):
-        return f"teachers at amp={C.amp!r}: no int8 kernels on {device.type}"
-    return ("int8 copies tried (CPU with the quantized engine), each kept where its measured argmax agreement "
-            f"with fp32 reaches teacher_int8_min_agreement={C.teacher_int8_min_agreement}"
-            + (" (kept whatever it is: teacher_precision='int8')" if C.teacher_precision == "int8" else ""))
-
-
-def transformed_images(dataset: Dataset, C: EasyDict, count: int, stream: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """`count` training crops (images, labels or None) spread over `dataset`, augmented by the training transform
-    with keys of their own: the same on every process and every run."""
-    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
-    samples = [dataset[(int(i), (C.seed, stream, 0, pos))] for pos, i in enumerate(indices)]
-    labels = torch.stack([s["label"] for s in samples]) if all("label" in s for s in samples) else None
-    return torch.stack([s["image"] for s in samples]), labels
-
-
-def int8_copies(teachers: Dict[str, nn.Module], C: EasyDict, datasets: Dict[str, Dataset]
-                ) -> Dict[str, Tuple[nn.Module, float, float]]:
-    """Per teacher: (int8 copy, its argmax agreement with the fp32 teacher on the valid pixels of
-    C.teacher_check_images labeled crops, seconds to quantize and check). Calibration: the activation
-    ranges of C.teacher_calibration_images unlabeled crops."""
-    calib, _ = transformed_images(datasets["unlabeled"], C, C.teacher_calibration_images, CALIBRATION)
-    check, labels = transformed_images(datasets["labeled"], C, C.teacher_check_images, CALIBRATION)
-    out = {}
-    for role, teacher in teachers.items():
-        start = time.time()
-        int8 = quantize_teacher(teacher, calib.split(8))
-        out[role] = (int8, argmax_agreement(int8, teacher, check, labels), time.time() - start)
-    return out
-
-
-def keeps_int8(C: EasyDict, agreement: float) -> bool:
-    """The acceptance test of an int8 copy: forced by teacher_precision='int8', or its measured argmax
-    agreement with the fp32 teacher reaches teacher_int8_min_agreement."""
-    return C.teacher_precision == "int8" or agreement >= C.teacher_int8_min_agreement
-
-
-def int8_teachers(teachers: Dict[str, nn.Module], C: EasyDict, datasets: Dict[str, Dataset],
-                  log: logging.Logger) -> Dict[str, nn.Module]:
-    """Each teacher replaced by its int8 copy (furnace.quantize) where the copy agrees with the fp32 teacher
-    on at least C.teacher_int8_min_agreement of the checked pixels (always, with teacher_precision='int8')."""
-    out = {}
-    for role, (int8, agreement, seconds) in int8_copies(teachers, C, datasets).items():
-        keep = keeps_int8(C, agreement)
-        out[role] = int8 if keep else teachers[role]
-        log.info(f"teacher_{role}: int8 copy agrees with fp32 on {agreement:.4f} of the valid pixels of "
-                 f"{C.teacher_check_images} labeled crops (teacher_int8_min_agreement={C.teacher_int8_min_agreement}, "
-                 f"teacher_precision={C.teacher_precision!r}) -> {'int8' if keep else 'fp32'} teacher "
-                 f"({seconds:.0f} s to quantize and check)")
-    return out
 
 
 # ------------------------------------------------------------------------------------ optimisation
@@ -320,18 +124,11 @@ class Trainer:
         self.log = self._make_logger()
         self.log.info(f"amp={requested_amp!r} -> {C.amp!r}"
                       + (f" ({amp_reason(self.info.device)})" if requested_amp == "auto" else " (set in the config)"))
-        if C.method == "mgd":
-            self.log.info(f"teacher_precision={C.teacher_precision!r}: {teacher_precision_reason(C, self.info.device)}")
 
-        self.datasets = build_datasets(C)
-        self.teachers = load_teachers(C, self.info, self.datasets, self.log) if C.method == "mgd" else None
-        if C.method == "mgd" and C.teacher_labels == "offline":
-            self._offline_teacher_labels()
+        self.method = build_method(C, self.info, self.log)
+        self.datasets = self.method.prepare(build_datasets(C, self.method.uses_unlabeled))
         torch.manual_seed(C.seed)  # same initialisation on every process
-        if C.method == "cps":
-            model = CPSPair(self._new_network(), self._new_network())
-        else:
-            model = self._new_network()
+        model = self.method.build_model(self._new_network)
         self.model = synchronised_batchnorm(model, self.info).to(self.info.device)
         if C.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -341,7 +138,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=C.amp == "fp16")
         sizes = [len(d) for d in self.datasets.values()]
         if "unlabeled" not in self.datasets and C.get("unlabeled_list") and osp.isfile(C.unlabeled_list):
-            # the supervised baseline gets the semi-supervised runs' schedule (same iterations per epoch, same
+            # a method on labeled images only gets the semi-supervised runs' schedule (same iterations per epoch, same
             # epochs), not one pass over the few labeled images per epoch: the comparison is at equal updates
             sizes.append(len(read_list(C.unlabeled_list)))
         self.iters_per_epoch = C.iters_per_epoch or max(sizes) // C.batch_size
@@ -366,16 +163,6 @@ class Trainer:
             self.step_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.info.device.index] if self.info.device.type == "cuda" else None,
                 broadcast_buffers=False)
-
-    def _offline_teacher_labels(self) -> None:
-        """Each teacher's pseudo-label of every training image, made once (furnace.teacher_labels) and
-        loaded by the datasets from then on."""
-        amp = "fp32" if self.C.amp == "off" else self.C.amp
-        precisions = {r: "int8" if isinstance(t, Int8Teacher) else amp for r, t in self.teachers.items()}
-        start = time.time()
-        root = teacher_labels.precompute(self.teachers, self.datasets, self.C, self.info, precisions)
-        teacher_labels.attach(self.datasets, root)
-        self.log.info(f"offline teacher labels in {root} ({time.time() - start:.0f} s to make or check)")
 
     def _new_network(self) -> nn.Module:
         model = build_segmentor(self.C.network, self.C.num_classes, pretrained=self.C.pretrained,
@@ -402,8 +189,8 @@ class Trainer:
 
     @property
     def deployable(self) -> nn.Module:
-        """What a checkpoint's 'model' holds: the student, or CPS branch a (the teacher to distil from)."""
-        return self.model.branch_a if isinstance(self.model, CPSPair) else self.model
+        """What a checkpoint's 'model' holds (the method says: e.g. CPS branch a, the teacher to distil from)."""
+        return self.method.deployable(self.model)
 
     def _restore(self) -> None:
         path = osp.join(self.snapshot_dir, "last.pth")
@@ -424,11 +211,7 @@ class Trainer:
             raise ValueError(f"--resume: {path} predicts {ckpt['num_classes']} classes, this config has "
                              f"num_classes={self.C.num_classes}; resume with num_classes={ckpt['num_classes']}, "
                              f"or train the new setting in its own output_dir")
-        model_state = ckpt["model"]
-        if isinstance(self.model, CPSPair):
-            model_state = {**{f"branch_a.{k}": v for k, v in ckpt["model"].items()},
-                           **{f"branch_b.{k}": v for k, v in ckpt["model_b"].items()}}
-        self.model.load_state_dict(model_state)
+        self.method.load_state(self.model, ckpt)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt.get("scaler", {}))
         torch.set_rng_state(ckpt["rng"])
@@ -465,8 +248,7 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": torch.get_rng_state(), "config": dict(self.C), "losses": self.last_losses,
                  "val": {"history": self.val_history, "best": self.val_best}}
-        if isinstance(self.model, CPSPair):
-            state["model_b"] = self.model.branch_b.state_dict()
+        state.update(self.method.extra_state(self.model))
         if iteration is None and self._new_best:
             # before last.pth: a crash in between resumes from the previous last.pth, which redoes this epoch and
             # its validation; the other order could leave a last.pth naming a best.pth that was never written
@@ -479,9 +261,9 @@ class Trainer:
     def _batches(self, epoch: int, start: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
         C, info, n = self.C, self.info, self.iters_per_epoch
         labeled = stream_loader(self.datasets["labeled"], C, info, LABELED, epoch, n, start)
-        if C.method == "supervised":
+        if not self.method.uses_unlabeled:
             for b in labeled:
-                yield {"x_l": b["image"], "y_l": b["label"]}
+                yield training_batch(b)
             return
         u0 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_0, epoch, n, start)
         u1 = stream_loader(self.datasets["unlabeled"], C, info, UNLABELED_1, epoch, n, start)
@@ -489,12 +271,7 @@ class Trainer:
             yield training_batch(b, b0, b1)
 
     def _step(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        C, dev, world = self.C, self.info.device, self.info.world_size
-        if C.method == "supervised":
-            return supervised_step(self.step_model, batch, C, dev, world)
-        if C.method == "cps":
-            return cps_step(self.step_model, batch, C, dev, world)
-        return mgd_step(self.step_model, self.teachers, batch, C, dev, world)
+        return self.method.step(self.step_model, batch)
 
     def fit(self) -> dict:
         C, info = self.C, self.info
@@ -519,7 +296,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-                if C.method != "supervised":
+                if self.method.uses_unlabeled:
                     batch["mask"] = cutmix_masks(C, info, it).to(info.device)
                 values = self.last_losses = self._forward_backward(batch, it)
                 self.scaler.step(self.optimizer)

@@ -2,7 +2,7 @@
 
 Notation: logits are (B, C, H, W), labels (B, H, W) with 255 = ignore, features (B, D, h, w).
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,28 +22,12 @@ def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNO
     return total / denominator.clamp(min=1)
 
 
-def combine_cutmix(logits_u0: torch.Tensor, logits_u1: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits of the CutMix image u0*(1-m) + u1*m, made from the logits of its two sources:
-    t_mix = t(u0) * (1 - m) + t(u1) * m."""
-    return logits_u0 * (1 - mask) + logits_u1 * mask
+def pseudo_label_ce(logits: torch.Tensor, pseudo_labels: torch.Tensor) -> torch.Tensor:
+    """Pixel-level consistency  L = mean_p CE(logits_p, y_p)  over the pixels with a pseudo-label y_p.
 
-
-def pseudo_label_ce(logits: torch.Tensor,
-                    teacher: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
-                    mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pixel-level consistency  L = mean_p CE(logits_p, y_p),  y = argmax_c t_p  over pixels with a y_p.
-
-    `teacher` is the teacher's logits t (B,C,H,W), or its pseudo-labels y (B,H,W, integer, 255 = none:
-    offline teachers, furnace.teacher_labels). With `mask` (B,1,H,W) it is the pair for (u0, u1) and
-    t = t(u0)*(1-m) + t(u1)*m (labels: y(u1) inside the boxes, y(u0) outside), the teacher's view of the
-    CutMix image. The pseudo-label carries no gradient."""
-    if mask is not None:
-        if teacher[0].is_floating_point():
-            teacher = combine_cutmix(teacher[0], teacher[1], mask)
-        else:
-            teacher = torch.where(mask[:, 0] > 0.5, teacher[1], teacher[0])
-    pseudo = teacher.detach().argmax(dim=1) if teacher.is_floating_point() else teacher
-    return F.cross_entropy(logits.float(), pseudo, ignore_index=IGNORE_INDEX)
+    `pseudo_labels` (B,H,W) are a teacher's argmax (255 where there is none, e.g. crop padding of offline
+    teachers); furnace.data.paste_labels makes those of a CutMix image. They carry no gradient."""
+    return F.cross_entropy(logits.float(), pseudo_labels, ignore_index=IGNORE_INDEX)
 
 
 def semantic_sensitive_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

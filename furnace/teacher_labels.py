@@ -3,7 +3,7 @@
 Online (C.teacher_labels = 'online', as published), every MGD step runs both teachers on u0, u1 and x_l just
 to take an argmax, about three quarters of all teacher work. Offline (setting=fast) the trainer first predicts every
 training image once per teacher (whole image, scale 1, the evaluation's sliding windows; C.eval_*), stores
-the argmax as a PNG, and the datasets load those maps beside each image and put them through the same flip,
+the argmax as a PNG, and the datasets (`SegmentationDataset.with_teacher_labels`) load those maps beside each image and put them through the same flip,
 scale (nearest) and crop as the image, exactly as they do ground-truth labels. Teachers then only run on the
 mixed image u_m, and only when the image-level or region-level term needs them.
 
@@ -24,7 +24,6 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from easydict import EasyDict
 from torch.utils.data import Dataset
 from tqdm import tqdm
@@ -34,8 +33,7 @@ from furnace.data.transforms import normalize
 from furnace.distributed import DistInfo
 from furnace.evaluate import inference_options, predict_probs
 from furnace.losses import IGNORE_INDEX
-
-ROLES = ("deep", "wide")
+from furnace.teachers import ROLES, FrozenTeacher
 
 
 def label_dir(C: EasyDict) -> str:
@@ -87,12 +85,12 @@ def _barrier(info: DistInfo) -> None:
 
 
 @torch.no_grad()
-def precompute(teachers: Dict[str, nn.Module], datasets: Dict[str, Dataset], C: EasyDict, info: DistInfo,
-               precisions: Dict[str, str]) -> str:
+def precompute(teachers: Dict[str, FrozenTeacher], datasets: Dict[str, Dataset], C: EasyDict, info: DistInfo) -> str:
     """Each teacher's argmax on every image of the training datasets, written as PNGs under label_dir(C);
     images whose maps exist are skipped. Process r of W predicts images r, r + W, ...; all wait for all.
     Returns the folder."""
     root = label_dir(C)
+    precisions = {role: t.precision for role, t in teachers.items()}
     if info.is_main:
         _claim(root, manifest(C, precisions))
         for stale in Path(root).rglob("*.tmp*.png"):  # maps whose write a crash cut short
@@ -115,7 +113,7 @@ def precompute(teachers: Dict[str, nn.Module], datasets: Dict[str, Dataset], C: 
         image = normalize(read_image(ds.image_path(name)), ds.transform.mean, ds.transform.std)
         x = torch.from_numpy(image.transpose(2, 0, 1)).unsqueeze(0).to(info.device)
         for role, teacher in teachers.items():
-            pred = predict_probs(teacher, x, **options).argmax(1)[0].to(torch.uint8).cpu().numpy()
+            pred = predict_probs(teacher.evaluated, x, **options).argmax(1)[0].to(torch.uint8).cpu().numpy()
             target = label_path(root, role, name)
             tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.png")
             write_label(tmp, pred)
@@ -125,12 +123,6 @@ def precompute(teachers: Dict[str, nn.Module], datasets: Dict[str, Dataset], C: 
     if missing:
         raise FileNotFoundError(f"{len(missing)} offline teacher labels missing after precomputing, e.g. {missing[0]}")
     return root
-
-
-def attach(datasets: Dict[str, Dataset], root: str) -> None:
-    """Make the training datasets return each teacher's map as 'teacher_<role>', augmented with the image."""
-    for ds in datasets.values():
-        ds.teacher_label_dirs = {role: Path(root) / role for role in ROLES}
 
 
 def agreement(offline: torch.Tensor, online_logits: torch.Tensor) -> float:

@@ -40,3 +40,16 @@ def cutmix_box_mask(batch: int, height: int, width: int, n_boxes: int = 3,
             else:
                 mask[i, 0, y0:y1, x0:x1] = 1.0
     return mask
+
+
+def paste(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The CutMix image: b pasted into a inside the boxes, a * (1 - m) + b * m (mask (B,1,H,W) of 0/1)."""
+    return a * (1 - mask) + b * mask
+
+
+def paste_labels(y_a: torch.Tensor, y_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The label map (B,H,W) of the CutMix image from those of its sources: y_b inside the boxes, y_a outside.
+
+    For argmax labels this is the argmax of the pasted logits paste(t_a, t_b, mask): the mask is 0 or 1, so
+    every pixel of the pasted logits is exactly one source's."""
+    return torch.where(mask[:, 0] > 0.5, y_b, y_a)

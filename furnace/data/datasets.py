@@ -4,6 +4,7 @@ up-front dataset checks and build_dataset(C, split).
 Indexing contract: ds[i] or ds[(i, rng_key)] with rng_key a tuple of non-negative ints. The augmentation
 of that sample is drawn only from np.random.default_rng(rng_key) (plain int i -> key (i,)), so it is a
 pure function of the key: exact resume, and identical batches whether 1 or N processes load them."""
+import copy
 import operator
 import os
 from collections.abc import Mapping
@@ -51,6 +52,13 @@ class SegmentationDataset(Dataset):
         # role -> folder of per-image label maps (offline teachers, furnace.teacher_labels): each is loaded
         # with the image and augmented exactly as a label is, returned as sample['teacher_<role>']
         self.teacher_label_dirs: Dict[str, Path] = {}
+
+    def with_teacher_labels(self, root, roles: Sequence[str] = ("deep", "wide")) -> "SegmentationDataset":
+        """A copy of this dataset whose samples also hold each teacher's map root/<role>/<name>.png as
+        'teacher_<role>', augmented with the image (the offline teachers of furnace.teacher_labels)."""
+        out = copy.copy(self)
+        out.teacher_label_dirs = {role: Path(root) / role for role in roles}
+        return out
 
     # ---- to override -------------------------------------------------------------------------------
     def _parse_name(self, line: str) -> str:
