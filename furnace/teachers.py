@@ -72,6 +72,7 @@ class FrozenTeacher(nn.Module):
                  int8: Optional[Int8Teacher] = None):
         super().__init__()
         self.network, self.int8, self.amp = network, int8, amp
+        self.training = network.training  # the mode the teacher runs in (train: batch statistics), for readers
         self.folded: Optional[nn.Module] = None
         device = next(network.parameters()).device
         eval_mode = not any(m.training for m in network.modules())

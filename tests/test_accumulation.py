@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import torch
 
-from furnace.engine import micro_batches
-from furnace.methods import per_gpu_mean
+from furnace.sampling import micro_batches
+from furnace.methods.base import per_gpu_mean
 from trainkit import ROOT, clean_env, driver_command, load, overrides, train_in_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,7 +84,7 @@ def test_accumulated_gradient_is_the_unaccumulated_one_without_batchnorm(loss_sc
     from easydict import EasyDict
     from furnace.distributed import DistInfo
     from furnace.engine import Trainer
-    from furnace.methods import supervised_step
+    from furnace.methods.supervised import supervised_step
     g = torch.Generator().manual_seed(0)
     batch = {"x_l": torch.randn(8, 3, 5, 5, generator=g, dtype=torch.float64),
              "y_l": torch.randint(0, 4, (8, 5, 5), generator=g)}

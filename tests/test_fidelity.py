@@ -15,7 +15,8 @@ from easydict import EasyDict
 from furnace.config import SETTINGS, new_config, resolve
 from furnace.distributed import convert_sync_batchnorm
 from furnace.engine import param_groups
-from furnace.methods import per_gpu_mean, supervised_step
+from furnace.methods.base import per_gpu_mean
+from furnace.methods.supervised import supervised_step
 from trainkit import EXP, ROOT, clean_env, driver_command, load, make_teacher, overrides
 
 PUBLISHED_GPUS, GPU_BATCH = 4, 2

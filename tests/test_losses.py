@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from furnace.losses import (ce_loss, combine_cutmix, content_aware_loss, ohem_ce, pseudo_label_ce,
-                            region_similarity, semantic_sensitive_loss)
+from furnace.data import paste, paste_labels
+from furnace.losses import ce_loss, content_aware_loss, ohem_ce, pseudo_label_ce, region_similarity, semantic_sensitive_loss
 
 
 def test_ce_loss_ignores_255_and_averages_valid_pixels():
@@ -26,10 +26,11 @@ def test_pseudo_label_ce_uses_cutmix_combined_teacher_argmax():
     student = torch.tensor([[[[0.0, 0.0]], [[math.log(3), math.log(3)]]]])  # p(class1) = 3/4
     # pseudo-label (0, 1): CE = (-log 1/4 - log 3/4) / 2
     expected = (-math.log(1 / 4) - math.log(3 / 4)) / 2
-    assert pseudo_label_ce(student, (t0, t1), mask).item() == pytest.approx(expected, rel=1e-6)
-    assert torch.equal(combine_cutmix(t0, t1, mask).argmax(1), torch.tensor([[[0, 1]]]))
-    # without a mask, the teacher logits are used as they are
-    assert pseudo_label_ce(student, t1).item() == pytest.approx(-math.log(3 / 4), rel=1e-6)
+    pasted = paste_labels(t0.argmax(1), t1.argmax(1), mask)
+    assert torch.equal(pasted, torch.tensor([[[0, 1]]])) and torch.equal(pasted, paste(t0, t1, mask).argmax(1))
+    assert pseudo_label_ce(student, pasted).item() == pytest.approx(expected, rel=1e-6)
+    # without a mask, the teacher's own argmax
+    assert pseudo_label_ce(student, t1.argmax(1)).item() == pytest.approx(-math.log(3 / 4), rel=1e-6)
 
 
 def test_semantic_sensitive_loss_sums_abs_gap_difference():
@@ -79,7 +80,7 @@ def test_losses_give_no_gradient_to_teacher_inputs():
     t = torch.randn(2, 3, 8, 8, requires_grad=True)
     fs = torch.randn(2, 4, 8, 8, requires_grad=True)
     ft = torch.randn(2, 4, 8, 8, requires_grad=True)
-    total = semantic_sensitive_loss(s, t) + pseudo_label_ce(s, t) + content_aware_loss(fs, ft)
+    total = semantic_sensitive_loss(s, t) + pseudo_label_ce(s, t.argmax(1)) + content_aware_loss(fs, ft)
     total.backward()
     assert t.grad is None and ft.grad is None
     assert s.grad.abs().sum() > 0 and fs.grad.abs().sum() > 0

@@ -9,11 +9,12 @@ from easydict import EasyDict
 
 from furnace.config import collect_overrides, resolve
 from furnace.distributed import DistInfo
-from furnace.engine import build_datasets, load_teachers
+from furnace.engine import build_datasets
 from furnace.losses import IGNORE_INDEX
-from furnace.methods import resolve_amp, teacher_predict
+from furnace.amp import resolve_amp
 from furnace.models import build_segmentor
-from furnace.quantize import Int8Teacher, argmax_agreement, int8_supported, quantize_teacher, quantized_engine
+from furnace.quantize import argmax_agreement, int8_supported, quantize_teacher, quantized_engine
+from furnace.teachers import FrozenTeacher, load_teachers, precision_reason
 from trainkit import NUM_CLASSES, exp_config, make_teacher, overrides, train_in_process
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -44,7 +45,8 @@ def test_int8_copy_is_quantized_keeps_the_teacher_and_an_fp32_classifier(resnet1
 def test_int8_teacher_predicts_what_the_fp32_teacher_predicts(resnet18_int8):
     teacher, int8 = resnet18_int8
     x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(2))
-    logits, decoder = teacher_predict(int8, x, "off", with_decoder=True)
+    frozen = FrozenTeacher(teacher, int8=int8)
+    logits, decoder = frozen.predict(x, with_decoder=True)
     ref = teacher(x, return_features=True)
     assert logits.shape == ref["logits"].shape and decoder.shape == ref["decoder"].shape
     assert logits.dtype == decoder.dtype == torch.float32
@@ -52,11 +54,11 @@ def test_int8_teacher_predicts_what_the_fp32_teacher_predicts(resnet18_int8):
     assert (logits - ref["logits"]).norm() / ref["logits"].norm() < 0.15
     assert (decoder - ref["decoder"]).norm() / ref["decoder"].norm() < 0.15
     assert argmax_agreement(int8, teacher, x) > 0.85  # random weights: many near-ties between classes
-    assert teacher_predict(int8, x, "off", with_decoder=False)[1] is None
+    assert frozen.predict(x, with_decoder=False)[1] is None and frozen.precision == "int8"
     # the packed int8 weights keep the engine they were made with: the global setting does not matter
     for other in set(torch.backends.quantized.supported_engines) & {"x86", "onednn", "fbgemm"}:
         with quantized_engine(other):
-            assert torch.equal(teacher_predict(int8, x, "off", with_decoder=False)[0], logits)
+            assert torch.equal(frozen.predict(x)[0], logits)
 
 
 def test_argmax_agreement_counts_only_valid_pixels():
@@ -91,19 +93,18 @@ def test_amp_auto_resolves_per_device():
 def test_auto_choices_follow_a_capability_and_say_why(monkeypatch):
     """amp='auto' follows oneDNN's native-bf16 capability (True on AVX512-BF16 / AMX CPUs, False on AVX2-only
     ones), never a CPU name; the reasons the trainer logs name the choice."""
-    import furnace.methods as methods
-    from furnace.engine import teacher_precision_reason
+    import furnace.amp as amp
     cpu = torch.device("cpu")
     for native, want in ((True, "bf16"), (False, "off")):
-        monkeypatch.setattr(methods, "native_bf16", lambda native=native: native)
-        assert methods.resolve_amp("auto", cpu) == want
-        assert ("native bf16" in methods.amp_reason(cpu)) and (("without" in methods.amp_reason(cpu)) != native)
+        monkeypatch.setattr(amp, "native_bf16", lambda native=native: native)
+        assert amp.resolve_amp("auto", cpu) == want
+        assert ("native bf16" in amp.amp_reason(cpu)) and (("without" in amp.amp_reason(cpu)) != native)
     C = EasyDict(teacher_precision="auto", teacher_bn="train", amp="off", teacher_int8_min_agreement=0.98)
-    assert "eval-mode" in teacher_precision_reason(C, cpu)
+    assert "eval-mode" in precision_reason(C, cpu)
     C.teacher_bn = "eval"
     if int8_supported(cpu):
-        assert "int8 copies tried" in teacher_precision_reason(C, cpu) and "0.98" in teacher_precision_reason(C, cpu)
-    assert "no int8 kernels" in teacher_precision_reason(C, torch.device("cuda"))
+        assert "int8 copies tried" in precision_reason(C, cpu) and "0.98" in precision_reason(C, cpu)
+    assert "no int8 kernels" in precision_reason(C, torch.device("cuda"))
 
 
 @pytest.fixture(scope="module")
@@ -126,34 +127,34 @@ def _load(toy, tmp_path, teacher_paths, **changes):
     log = logging.getLogger(f"test_quantize.{id(messages)}")
     log.addHandler(Collect())
     log.setLevel(logging.INFO)
-    teachers = load_teachers(C, DistInfo(0, 1, 0, torch.device("cpu")), build_datasets(C), log)
+    teachers = load_teachers(C, DistInfo(0, 1, 0, torch.device("cpu")), build_datasets(C, unlabeled=True), log)
     return teachers, messages
 
 
 def test_teacher_precision_decides_int8_by_measured_agreement(toy, tmp_path, teacher_paths):
     plain, messages = _load(toy, tmp_path, teacher_paths, teacher_precision="amp")
-    assert not any(isinstance(t, Int8Teacher) for t in plain.values()) and messages == []
+    assert all(t.int8 is None and t.precision == "fp32" for t in plain.values()) and messages == []
 
     forced, messages = _load(toy, tmp_path, teacher_paths, teacher_precision="int8")
-    assert all(isinstance(t, Int8Teacher) for t in forced.values())
+    assert all(t.int8 is not None and t.folded is None for t in forced.values())
     assert len(messages) == 2 and all("int8 copy agrees with fp32 on" in m for m in messages)
     agreement = [float(m.split("agrees with fp32 on ")[1].split()[0]) for m in messages]
 
     accepted, _ = _load(toy, tmp_path, teacher_paths, teacher_precision="auto", teacher_int8_min_agreement=0.0)
-    assert all(isinstance(t, Int8Teacher) for t in accepted.values())
+    assert all(t.int8 is not None for t in accepted.values())
     # a threshold between the two copies' agreements keeps the lower one's teacher in fp32, and only that one
     # (the fixture's two random teachers quantize differently; equal agreements would make this test vacuous)
     low, high = sorted(zip(agreement, ("deep", "wide")))
     assert low[0] < high[0], f"fixture teachers reach the same int8 agreement {agreement}"
     mixed, messages = _load(toy, tmp_path, teacher_paths, teacher_precision="auto",
                             teacher_int8_min_agreement=(low[0] + high[0]) / 2)
-    assert not isinstance(mixed[low[1]], Int8Teacher) and isinstance(mixed[high[1]], Int8Teacher)
+    assert mixed[low[1]].int8 is None and mixed[high[1]].int8 is not None
     logged = dict(zip(("deep", "wide"), messages))
     assert "-> fp32 teacher" in logged[low[1]] and "-> int8 teacher" in logged[high[1]]
     rejected, messages = _load(toy, tmp_path, teacher_paths, teacher_precision="auto",
                                teacher_int8_min_agreement=1.0)
     for (role, teacher), value in zip(rejected.items(), agreement):
-        assert isinstance(teacher, Int8Teacher) == (value >= 1.0), role
+        assert (teacher.int8 is not None) == (value >= 1.0), role
 
 
 def test_int8_mgd_run_trains_and_logs_the_agreement(toy, tmp_path, teacher_paths):

@@ -25,7 +25,8 @@ from PIL import Image
 from furnace.checkpoint import load_checkpoint, save_checkpoint
 from furnace.data import DatasetError, read_label, read_list
 from furnace.distributed import ProcessSyncBatchNorm, convert_sync_batchnorm
-from furnace.engine import Trainer, same_split
+from furnace.engine import Trainer
+from furnace.teachers import same_split
 from furnace.evaluate import main as evaluate_main
 from furnace.metrics import confusion_matrix
 from furnace.models import build_segmentor

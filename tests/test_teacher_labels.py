@@ -12,16 +12,17 @@ import torch
 from easydict import EasyDict
 
 from furnace.config import collect_overrides, resolve
-from furnace.data import build_dataset, read_image, read_label
+from furnace.data import build_dataset, paste, paste_labels, read_image, read_label
 from furnace.data.transforms import normalize
 from furnace.distributed import DistInfo
-from furnace.engine import Trainer, cutmix_masks
+from furnace.engine import Trainer
 from furnace.evaluate import predict_probs
 from furnace.losses import pseudo_label_ce
-import furnace.methods as methods
-from furnace.methods import mgd_step
+from furnace.methods.mgd import mgd_step
 from furnace.models import build_segmentor
-from furnace.teacher_labels import agreement, attach, label_path, precompute
+from furnace.sampling import cutmix_masks
+from furnace.teacher_labels import agreement, label_path, precompute
+from furnace.teachers import FrozenTeacher
 from trainkit import (EXP, NUM_CLASSES, TORCHRUN, clean_env, exp_config, make_teacher, overrides, torch_threads,
                       train_in_process)
 
@@ -45,18 +46,23 @@ def teacher_paths(tmp_path_factory):
     return str(make_teacher(d / "deep.pth", seed=1)), str(make_teacher(d / "wide.pth", seed=2))
 
 
-def test_pseudo_label_ce_takes_labels_and_ignores_255():
+def test_pseudo_label_ce_ignores_255_and_pasted_labels_are_the_argmax_of_pasted_logits():
     logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])             # (1, 2 classes, 1, 2 pixels)
     p = logits.softmax(1)
     labels_u0, labels_u1 = torch.tensor([[[0, 1]]]), torch.tensor([[[1, 255]]])
     mask = torch.tensor([[[[0.0, 1.0]]]])                              # pixel 1 from u1: no label there
-    assert pseudo_label_ce(logits, (labels_u0, labels_u1), mask).item() == pytest.approx(-float(p[0, 0, 0, 0].log()))
+    assert pseudo_label_ce(logits, paste_labels(labels_u0, labels_u1, mask)).item() == pytest.approx(
+        -float(p[0, 0, 0, 0].log()))
     assert pseudo_label_ce(logits, labels_u0).item() == pytest.approx(
         -float(p[0, 0, 0, 0].log() + p[0, 1, 0, 1].log()) / 2)
-    # labels = the argmax of logits: the same loss as the logits themselves
-    t0, t1 = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
-    s, m = torch.randn(2, 3, 4, 5), (torch.rand(2, 1, 4, 5) > 0.5).float()
-    assert torch.equal(pseudo_label_ce(s, (t0, t1), m), pseudo_label_ce(s, (t0.argmax(1), t1.argmax(1)), m))
+    # online teachers' labels are made by argmax first: with a 0/1 mask that is exactly the argmax of the
+    # pasted logits (the published order), so the loss is the same to the bit
+    g = torch.Generator().manual_seed(0)
+    t0, t1, s = (torch.randn(2, 3, 4, 5, generator=g) for _ in range(3))
+    m = (torch.rand(2, 1, 4, 5, generator=g) > 0.5).float()
+    assert torch.equal(paste(t0, t1, m).argmax(1), paste_labels(t0.argmax(1), t1.argmax(1), m))
+    assert torch.equal(pseudo_label_ce(s, paste(t0, t1, m).argmax(1)),
+                       pseudo_label_ce(s, paste_labels(t0.argmax(1), t1.argmax(1), m)))
 
 
 def test_datasets_augment_teacher_maps_exactly_like_labels(toy, tmp_path):
@@ -65,7 +71,8 @@ def test_datasets_augment_teacher_maps_exactly_like_labels(toy, tmp_path):
     for role in ("deep", "wide"):  # the ground truth stored as both teachers' maps: must come back as the label
         shutil.copytree(toy / "train_aug" / "label", tmp_path / "maps" / role)
     plain = build_dataset(C, "labeled")
-    attach({"l": labeled, "u": unlabeled}, str(tmp_path / "maps"))
+    labeled, unlabeled = (ds.with_teacher_labels(str(tmp_path / "maps")) for ds in (labeled, unlabeled))
+    assert "teacher_deep" not in plain[0] and "teacher_deep" in labeled[0]  # a copy: the original is unchanged
     as_labeled = build_dataset(C, "labeled")
     as_labeled.names = unlabeled.names
     for key in [(0, (1, 2, 3)), (1, (7, 0, 0, 5)), (2, (3,))]:
@@ -86,28 +93,26 @@ def test_offline_step_equals_online_step_given_the_online_pseudo_labels(toy, tmp
     C = config(toy, tmp_path, method="mgd", **FAST)
     torch.manual_seed(0)
     student = build_segmentor("mobilenet_v2", NUM_CLASSES).eval()  # eval: both steps see the same BN statistics
-    teachers = {r: build_segmentor("mobilenet_v2", NUM_CLASSES).eval().requires_grad_(False) for r in ("deep", "wide")}
+    networks = {r: build_segmentor("mobilenet_v2", NUM_CLASSES).eval().requires_grad_(False) for r in ("deep", "wide")}
+    teachers = {r: FrozenTeacher(net) for r, net in networks.items()}
     g = torch.Generator().manual_seed(3)
     batch = {k: torch.randn(2, 3, 32, 32, generator=g) for k in ("x_l", "u0", "u1")}
     batch["y_l"] = torch.randint(0, NUM_CLASSES, (2, 32, 32), generator=g)
     batch["mask"] = cutmix_masks(C, DistInfo(0, 1, 0, torch.device("cpu")), 0)
-    seen, original = [], methods.teacher_predict  # images per teacher call
-
-    def counting_teacher_predict(teacher, x, *args, **kwargs):
-        seen.append(x.shape[0])
-        return original(teacher, x, *args, **kwargs)
-    monkeypatch.setattr(methods, "teacher_predict", counting_teacher_predict)
+    seen = []  # images per teacher call
+    for teacher in teachers.values():
+        original = teacher.predict
+        monkeypatch.setattr(teacher, "predict", lambda x, *a, original=original: seen.append(x.shape[0]) or original(x, *a))
     results = {}
     for mode in ("online", "offline"):
-        b = dict(batch)
+        labels = None
         if mode == "offline":
             with torch.no_grad():
-                for role, t in teachers.items():
-                    b.update({f"{role}_u0": t(batch["u0"]).argmax(1), f"{role}_u1": t(batch["u1"]).argmax(1),
-                              f"{role}_l": t(batch["x_l"]).argmax(1)})
+                labels = {role: {"u0": t(batch["u0"]).argmax(1), "u1": t(batch["u1"]).argmax(1),
+                                 "x_l": t(batch["x_l"]).argmax(1)} for role, t in networks.items()}
         seen.clear()
         student.zero_grad(set_to_none=True)
-        loss, terms = mgd_step(student, teachers, b, dict_config(C, teacher_labels=mode), torch.device("cpu"))
+        loss, terms = mgd_step(student, teachers, batch, labels, dict_config(C, teacher_labels=mode), torch.device("cpu"))
         loss.backward()
         results[mode] = (terms, [p.grad.clone() for p in student.parameters()], list(seen))
     (on_terms, on_grads, on_seen), (off_terms, off_grads, off_seen) = results["online"], results["offline"]
@@ -188,10 +193,11 @@ def test_two_processes_share_the_precomputation_and_store_what_one_process_store
     datasets = {s: build_dataset(C, s) for s in ("labeled", "unlabeled")}
     teachers = {}
     for role, path in (("deep", deep), ("wide", wide)):
-        teachers[role] = build_segmentor("mobilenet_v2", NUM_CLASSES).eval()
-        teachers[role].load_state_dict(torch.load(path, weights_only=False)["model"])
+        network = build_segmentor("mobilenet_v2", NUM_CLASSES).eval()
+        network.load_state_dict(torch.load(path, weights_only=False)["model"])
+        teachers[role] = FrozenTeacher(network)
     with torch_threads(1):
-        one = precompute(teachers, datasets, C, DistInfo(0, 1, 0, torch.device("cpu")), {"deep": "fp32", "wide": "fp32"})
+        one = precompute(teachers, datasets, C, DistInfo(0, 1, 0, torch.device("cpu")))
     two = tmp_path / "two" / "teacher_labels"
     maps = sorted(p.relative_to(one) for p in Path(one).rglob("*.png"))
     assert len(maps) == 2 * 24 and maps == sorted(p.relative_to(two) for p in two.rglob("*.png"))

@@ -13,7 +13,8 @@ import torch
 
 from furnace.checkpoint import load_segmentor
 from furnace.config import collect_overrides, resolve
-from furnace.engine import Trainer, cutmix_masks
+from furnace.engine import Trainer
+from furnace.sampling import cutmix_masks
 from furnace.models import build_segmentor
 from trainkit import (EXP, NUM_CLASSES, TORCHRUN, assert_bitwise_equal, clean_env, exp_config, load, overrides,
                       tensors, train_in_process)
@@ -74,7 +75,7 @@ def test_mgd_gradients_reach_the_student_and_never_the_teachers(toy, cps_run, tm
     teacher = str(cps_run / "snapshot" / "last.pth")
     trainer = trainer_for(overrides(toy, tmp_path, method="mgd", epochs=1, iters_per_epoch=1,
                                     teacher_deep=teacher, teacher_wide=teacher))
-    student, teachers = trainer.model, trainer.teachers
+    student, teachers = trainer.model, trainer.method.teachers
     student_ids = {id(p) for p in student.parameters()}
     teacher_params = [p for t in teachers.values() for p in t.parameters()]
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
