@@ -68,9 +68,12 @@ def setting_label(identity: dict) -> str:
 
 
 @lru_cache(maxsize=None)
-def backbone_gflops(network: str, num_classes: int) -> float:
+def network_cost(network: str, num_classes: int) -> dict:
+    """GFLOPs of the backbone on a 512 x 512 image and millions of parameters of the whole network (counted
+    once per network and class count)."""
     from furnace.flops import measure
-    return measure(network, (512, 512), num_classes)["backbone_flops"] / 1e9
+    cost = measure(network, (512, 512), num_classes)
+    return {"backbone_gflops": cost["backbone_flops"] / 1e9, "params_m": cost["model_params"] / 1e6}
 
 
 def read_run(folder: str) -> dict:
@@ -127,7 +130,7 @@ def group_seeds(runs: Sequence[dict], root: str = "", per_run: bool = False) -> 
             "miou_best_mean": statistics.mean(best), "miou_best_std": _spread(best),
             "epochs": epochs.pop() if len(epochs) == 1 else None,
             "train_seconds_mean": statistics.mean(times) if times else None,
-            "backbone_gflops": backbone_gflops(ident["network"], int(ident["num_classes"])),
+            "backbone_gflops": network_cost(ident["network"], int(ident["num_classes"]))["backbone_gflops"],
             "folders": [osp.relpath(m["folder"], root) if root else m["folder"] for m in members]})
     return rows
 

@@ -112,12 +112,10 @@ def run_stage(stage: Stage, out_root: str, extra: Sequence[str] = (), nproc: int
 
 def record(stage: Stage, C: EasyDict) -> dict:
     """One run's result: collect_results' record of its folder, with the stage's label and role."""
-    from furnace.flops import measure
     run = collect_results.read_run(C.output_dir)
-    cost = measure(C.network, (512, 512), C.num_classes)
     return {**run, "label": stage.label, "role": stage.role, "network": C.network, "method": C.method,
-            "seed": C.seed, "miou": run["miou_last"], "backbone_gflops": cost["backbone_flops"] / 1e9,
-            "params_m": cost["model_params"] / 1e6, "experiment": stage.experiment,
+            "seed": C.seed, "miou": run["miou_last"], **collect_results.network_cost(C.network, C.num_classes),
+            "experiment": stage.experiment,
             "checkpoint": osp.join(C.output_dir, "snapshot", "last.pth")}
 
 
