@@ -109,7 +109,7 @@ RULES: Dict[str, Check] = {
     # network and method
     "network": one_of(*NETWORKS), "pretrained": optional(text), "zero_init_residual": boolean,
     "output_stride": lambda v: None if _is_int(v) and v in (8, 16, 32) else "must be 8, 16 or 32",
-    "method": one_of(*METHODS), "teacher_deep": optional(text), "teacher_wide": optional(text),
+    "method": lambda v: one_of(*METHODS)(v), "teacher_deep": optional(text), "teacher_wide": optional(text),
     "teacher_deep_network": one_of(*NETWORKS), "teacher_wide_network": one_of(*NETWORKS),
     "teacher_bn": optional(one_of("eval", "train")), "teacher_precision": one_of("auto", "amp", "int8"),
     "teacher_int8_min_agreement": number(0, 1), "teacher_calibration_images": integer(1),
