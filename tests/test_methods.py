@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import furnace.settings as settings
-from furnace.methods import build_method
 from furnace.methods.base import Method, finish, supervised_loss
 from trainkit import ROOT, overrides, train_in_process
 
