@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import prepare_custom as prep
 from furnace.config import collect_overrides, resolve
 from furnace.data import CustomDataset, build_dataset, read_list, write_label
-from furnace.data.prepare_utils import PrepareError
 from furnace.data.splits import partition
-from trainkit import ROOT, TOY_CLASSES, exp_config, load_tool, overrides, train_in_process
+from prepare_utils import PrepareError
+from trainkit import ROOT, TOY_CLASSES, exp_config, overrides, train_in_process
 
-prep = load_tool("prepare_custom")
 EXP = ROOT / "exp.custom" / "custom8.resnet18_deeplabv3plus"
 PALETTE = [[0, 0, 0], [200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30], [30, 200, 200]]
 

@@ -17,11 +17,13 @@ The dataset tools only decide *which* archive member goes *where*; this module d
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import lzma
 import os
 import re
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -35,6 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import furnace.data
 from furnace.data.splits import PARTITIONS, partition, partition_paths, read_list, write_list
 
 MANIFEST_NAME = ".prepared.json"
@@ -512,8 +515,9 @@ class Partition:
 
 
 # The published partition lists shipped with the project (see published_splits/SOURCE.md), per dataset:
-# the folder and the name of the published training list that decides whether they apply.
-PUBLISHED_ROOT = Path(__file__).resolve().parent / "published_splits"
+# the folder and the name of the published training list that decides whether they apply. They stay package
+# data of furnace.data (pyproject.toml), beside splits.py, so an installed furnace still carries them.
+PUBLISHED_ROOT = Path(furnace.data.__file__).resolve().parent / "published_splits"
 DEFAULT_PROTOCOL = "train_aug"  # the protocol every later paper compares on (the pseudoseg_* lists are another)
 SOURCES = ("auto", "published", "seeded")
 
@@ -822,6 +826,19 @@ def write_lists_and_partitions(list_dir: Path, lists: Mapping[str, Sequence[str]
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def cli_main(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a preparer's `main(argv)`: a PrepareError becomes 'error: ...' on stderr and exit status 1,
+    since it is the user's data that is wrong and a traceback would only hide the message."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except PrepareError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
 def add_partition_args(parser: argparse.ArgumentParser) -> None:
     """The options that choose the partitions (PartitionChoice), shared by every preparer."""
     parser.add_argument("--partition-source", choices=SOURCES, default="auto",
