@@ -16,6 +16,7 @@ losses and BatchNorm kept at float64; the networks start from the float32 initia
 N processes beyond float32 rounding, see test_reliability.py; tests/fp64site does the same for script.sh.
 """
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Dict, Iterable, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +37,9 @@ NUM_CLASSES = len(TOY_CLASSES)
 
 
 # ------------------------------------------------------------------------------------------ test helpers
-def load_tool(name: str):
-    """A script of tools/ imported as a module (tools/ is not a package)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_tool(name: str) -> ModuleType:
+    """The tool tools/<name>.py as a module (tests/conftest.py puts tools/ on sys.path)."""
+    return importlib.import_module(name)
 
 
 def make_toy_data(out: Path, num_train: int = 24, num_val: int = 5) -> Path:
