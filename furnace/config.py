@@ -15,7 +15,7 @@ import argparse
 import ast
 import os
 import os.path as osp
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from easydict import EasyDict
 
@@ -165,6 +165,20 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
                                        # per run (ceil(epochs / 5)); 0: off
     C.val_images = None                # validate on this many val images, spread over the list (None: all)
     return C
+
+
+def load_experiment(exp_dir: Union[str, os.PathLike]) -> EasyDict:
+    """The `C` of an experiment folder's config.py, before any override. The file is executed anew on each
+    call and not kept in sys.modules, so each call returns a fresh copy that no earlier caller has changed."""
+    import importlib.util
+    path = osp.join(exp_dir, "config.py")
+    if not osp.isfile(path):
+        raise FileNotFoundError(f"experiment folder {exp_dir} has no config.py")
+    name = "exp_config_" + osp.basename(osp.abspath(exp_dir)).replace(".", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.C
 
 
 def parse_value(text: str):

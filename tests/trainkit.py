@@ -75,19 +75,11 @@ def overrides(data_root, output_dir, **changes) -> List[str]:
     return [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in values.items()]
 
 
-def exp_config(exp_dir: Path = EXP):
-    """A fresh copy of the experiment's `C` (its config.py, loaded by path)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"exp_config_{Path(exp_dir).name}", Path(exp_dir) / "config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.C
-
-
 def train_in_process(argv: List[str], exp_dir: Path = EXP) -> dict:
     """furnace.engine.main(C, argv) in this process, as the experiment's train.py would run it."""
+    from furnace.config import load_experiment
     from furnace.engine import main
-    return main(exp_config(exp_dir), argv)
+    return main(load_experiment(exp_dir), argv)
 
 
 @contextlib.contextmanager
@@ -282,17 +274,18 @@ def _driver(argv: List[str]) -> None:
     sys.path.insert(0, osp.abspath(args.exp_dir))
     import torch.distributed as dist
     import furnace.engine
+    from furnace.config import load_experiment
     if args.fault:
         _install_fault(args.fault)
     if not args.runs:
-        furnace.engine.main(exp_config(Path(args.exp_dir)), train_args)
+        furnace.engine.main(load_experiment(args.exp_dir), train_args)
         return
     destroy = dist.destroy_process_group
     dist.destroy_process_group = lambda *a, **k: None  # one process group for all the runs
     try:
         for run in json.loads(args.runs):
             with float64_everywhere() if run.get("fp64") else contextlib.nullcontext():
-                furnace.engine.main(exp_config(Path(args.exp_dir)),
+                furnace.engine.main(load_experiment(args.exp_dir),
                                     train_args + run["args"] + [f"output_dir={run['out']}"])
     finally:
         dist.destroy_process_group = destroy
