@@ -23,7 +23,6 @@ REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ENV_PREFIX = "MGD_"
 
 METHODS = ("supervised", "cps", "mgd")
-NETWORKS = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v2")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 TEACHER_PRECISIONS = ("auto", "amp", "int8")
 
@@ -328,7 +327,6 @@ def check(C: EasyDict) -> None:
         if not cond:
             raise ValueError(f"config: {msg}")
     need(C.method in METHODS, f"method={C.method!r}; expected one of {METHODS}")
-    need(C.network in NETWORKS, f"network={C.network!r}; expected one of {NETWORKS}")
     need(C.amp in AMP_MODES, f"amp={C.amp!r}; expected one of {AMP_MODES}")
     need(C.teacher_bn in ("eval", "train"), f"teacher_bn={C.teacher_bn!r}; expected 'eval' or 'train'")
     need(C.teacher_precision in TEACHER_PRECISIONS,

@@ -8,7 +8,10 @@ of `new_config` must have a rule: tests/test_run.py fails on a key without one.
 import numbers
 from typing import Callable, Dict, Optional
 
-NETWORKS = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v2")
+# This loads torch; furnace.config stays light by importing this module only in resolve(), when new_config
+# has loaded torch already (furnace.data).
+from furnace.models import NETWORKS
+
 Check = Callable[[object], Optional[str]]
 
 
