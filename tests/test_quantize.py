@@ -8,9 +8,9 @@ import torch.nn as nn
 from easydict import EasyDict
 
 from furnace.config import collect_overrides, load_experiment, resolve
+from furnace.data import IGNORE_INDEX
 from furnace.distributed import DistInfo
 from furnace.engine import build_datasets, load_teachers
-from furnace.losses import IGNORE_INDEX
 from furnace.methods import resolve_amp, teacher_predict
 from furnace.models import build_segmentor
 from furnace.quantize import Int8Teacher, argmax_agreement, int8_supported, quantize_teacher, quantized_engine

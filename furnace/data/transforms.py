@@ -10,7 +10,7 @@ import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the label value of pixels without a class (borders, padding); the one definition
 
 
 def normalize(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
