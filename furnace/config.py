@@ -13,9 +13,10 @@ variant (furnace/run.py), so that each run has its own folder.
 """
 import argparse
 import ast
+import numbers
 import os
 import os.path as osp
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from easydict import EasyDict
 
@@ -370,12 +371,15 @@ def check(C: EasyDict) -> None:
         need(isinstance(C[key], (int, float)) and C[key] >= 0, f"{key}={C[key]!r} must be a number >= 0")
 
 
-def crop_hw(size) -> Tuple[int, int]:
-    """(height, width) of a crop given as an int or a pair."""
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
+def crop_hw(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """(height, width) of a crop size given as an int (a square) or an (h, w) pair, as crop_size and
+    eval_crop_size are. Here, in the torch-free config module, so that transforms and evaluation share it."""
+    if isinstance(size, numbers.Integral):  # numpy integers too
+        return int(size), int(size)
+    hw = tuple(int(s) for s in size)
+    if len(hw) != 2:
+        raise ValueError(f"a crop size must be an int or (h, w), got {size!r}")
+    return hw
 
 
 def config_from_cli(C: EasyDict, parser: argparse.ArgumentParser,

@@ -23,20 +23,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from furnace.checkpoint import load_segmentor
-from furnace.config import config_from_cli
+from furnace.config import config_from_cli, crop_hw
 from furnace.distributed import init_distributed
 from furnace.metrics import confusion_matrix, format_results, iou_per_class, mean_iou, pixel_accuracy
 from furnace.visualize import config_palette, get_palette, save_label_png
 
 
 # ----------------------------------------------------------------------------------------------- inference
-def _pair(size) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    h, w = size
-    return int(h), int(w)
-
-
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     return out["logits"] if isinstance(out, dict) else out
@@ -64,7 +57,7 @@ def sliding_probs(model, image: torch.Tensor, crop_size=512, stride_rate: float 
     pixel gets the mean of the softmax probabilities of the windows containing it; the padding is cut off.
     Windows go through the model in batches of at most max_batch images; everything stays on image.device.
     """
-    ch, cw = _pair(crop_size)
+    ch, cw = crop_hw(crop_size)
     b, _, h, w = image.shape
     pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
     top, left = pad_h // 2, pad_w // 2
@@ -124,7 +117,7 @@ def inference_options(C, mode=None, scales=None, flip=None) -> dict:
     """predict_probs keyword arguments from the config (C.eval_mode, eval_crop_size, eval_stride_rate,
     eval_scales, eval_flip), with explicit arguments taking precedence."""
     return dict(mode=mode or _cfg(C, "eval_mode", "sliding"),
-                crop_size=_pair(_cfg(C, "eval_crop_size", 512)),
+                crop_size=crop_hw(_cfg(C, "eval_crop_size", 512)),
                 stride_rate=float(_cfg(C, "eval_stride_rate", 2 / 3)),
                 scales=[float(s) for s in (scales or _cfg(C, "eval_scales", None) or [1.0])],
                 flip=bool(_cfg(C, "eval_flip", False) if flip is None else flip))
