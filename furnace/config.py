@@ -16,6 +16,7 @@ import ast
 import numbers
 import os
 import os.path as osp
+from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from easydict import EasyDict
@@ -369,6 +370,21 @@ def check(C: EasyDict) -> None:
     for key in ("sup_weight", "cps_weight", "pixel_unlabeled_weight", "pixel_labeled_weight",
                 "semantic_weight", "region_weight"):
         need(isinstance(C[key], (int, float)) and C[key] >= 0, f"{key}={C[key]!r} must be a number >= 0")
+
+
+_REQUIRED = object()
+
+
+def config_value(C, key: str, default=_REQUIRED):
+    """C's value of `key`, for a full config and for a partial one (a checkpoint's saved config, a dict
+    given by a test or a script): a key that is missing or None takes `default`; without a default that is
+    an error naming the key. C: a mapping (EasyDict, dict) or an object with attributes."""
+    value = C.get(key) if isinstance(C, Mapping) else getattr(C, key, None)
+    if value is not None:
+        return value
+    if default is _REQUIRED:
+        raise KeyError(f"config has no value for {key!r}")
+    return default
 
 
 def crop_hw(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
