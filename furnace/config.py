@@ -3,8 +3,8 @@
 An experiment folder's `config.py` starts from `new_config(dataset, __file__)` and sets what differs.
 At launch, `resolve(C, overrides)` applies, in this order (later wins):
   1. files given with `--cfg FILE` (lines `key = value`, '#' comments),
-  2. environment variables `MGD_<KEY>` (e.g. MGD_BATCH_SIZE=4, MGD_DATA_ROOT=/data/voc),
-  3. command-line `key=value` pairs (e.g. `python train.py lr=0.01 epochs=2`).
+  2. command-line `key=value` pairs (e.g. `python train.py lr=0.01 epochs=2`).
+No environment variable sets a key, so a run's settings do not depend on the shell it starts from.
 Values are Python literals where they parse as one (`0.01`, `[0.5, 1.0]`, `None`), strings otherwise.
 An unknown key is an error naming where it came from. String values may use the placeholders
 {root} (repository), {exp_dir}, {exp_name}, {method}, {data_root}, {partition}, {output_dir}, and in output_dir
@@ -22,7 +22,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from easydict import EasyDict
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-ENV_PREFIX = "MGD_"
 
 METHODS = ("supervised", "cps", "mgd")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -207,16 +206,11 @@ def read_override_file(path: str) -> List[Tuple[str, str, str]]:
     return items
 
 
-def collect_overrides(cfg_files: Iterable[str] = (), pairs: Iterable[str] = (),
-                      environ: Optional[Dict[str, str]] = None) -> List[Tuple[str, str, str]]:
-    """All overrides in the order they apply: files, then MGD_* environment variables, then key=value pairs."""
-    environ = os.environ if environ is None else environ
+def collect_overrides(cfg_files: Iterable[str] = (), pairs: Iterable[str] = ()) -> List[Tuple[str, str, str]]:
+    """All overrides in the order they apply: files, then key=value pairs."""
     items = []
     for path in cfg_files:
         items += read_override_file(path)
-    for name in sorted(environ):
-        if name.startswith(ENV_PREFIX):
-            items.append((name[len(ENV_PREFIX):].lower(), environ[name], f"environment variable {name}"))
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"command-line override {pair!r} is not of the form key=value")

@@ -2,7 +2,7 @@
 
 `RULES` maps each key to a check (a function of the value returning an error text, or None when the value is
 fine). `check_settings(C)` applies them all and raises one ValueError naming every bad setting, with where
-its value came from when known (a --cfg line, an environment variable, a command-line override). Every key
+its value came from when known (a --cfg line, a command-line override). Every key
 of `new_config` must have a rule: tests/test_run.py fails on a key without one.
 """
 import numbers

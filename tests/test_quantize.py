@@ -117,7 +117,7 @@ def _load(toy, tmp_path, teacher_paths, **changes):
     settings = dict(method="mgd", teacher_deep=teacher_paths[0], teacher_wide=teacher_paths[1],
                     teacher_calibration_images=4, teacher_check_images=2, setting="fast")  # int8: eval-mode teachers
     settings.update(changes)
-    C = resolve(load_experiment(EXP), collect_overrides([], overrides(toy, tmp_path, **settings), environ={}))
+    C = resolve(load_experiment(EXP), collect_overrides([], overrides(toy, tmp_path, **settings)))
     messages = []
 
     class Collect(logging.Handler):

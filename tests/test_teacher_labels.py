@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(toy, out, **changes):
-    return resolve(load_experiment(EXP), collect_overrides([], overrides(toy, out, **changes), environ={}))
+    return resolve(load_experiment(EXP), collect_overrides([], overrides(toy, out, **changes)))
 
 
 FAST = dict(setting="fast")  # offline teachers are one of the fast setting's choices

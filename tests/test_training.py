@@ -56,7 +56,7 @@ def check_training_checkpoint(path, method, epoch, iters_per_epoch=2):
 
 
 def trainer_for(argv):
-    return Trainer(resolve(load_experiment(EXP), collect_overrides([], argv, environ={})))
+    return Trainer(resolve(load_experiment(EXP), collect_overrides([], argv)))
 
 
 def test_supervised_baseline_has_the_semi_supervised_schedule(toy, tmp_path):

@@ -98,8 +98,8 @@ def torch_threads(n: int):
 
 
 def clean_env(**extra) -> Dict[str, str]:
-    """This environment without MGD_* overrides (they would change the runs), one thread per process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MGD_")}
+    """This environment with one thread per process, furnace importable, and `extra`."""
+    env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     env.update(extra)

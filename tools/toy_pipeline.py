@@ -70,7 +70,7 @@ def main_stages(seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS))) -> List[Stag
 def load_experiment_config(experiment: str, overrides: Sequence[str], cfg_files: Sequence[str] = (TOY_CFG,)) -> EasyDict:
     """An experiment folder's config.py with the toy overrides applied, as its train.py would see it."""
     C = load_experiment(osp.join(REPO_ROOT, "exp.voc", experiment))
-    return resolve(C, collect_overrides(cfg_files, overrides, environ={}))
+    return resolve(C, collect_overrides(cfg_files, overrides))
 
 
 def teacher_overrides(root: str) -> List[str]:
