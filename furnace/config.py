@@ -51,29 +51,21 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.exp_dir = exp_dir
     C.seed = 12345
 
-    # data
+    # data: per dataset its folder, training list, classes and training crop. custom: num_classes and
+    # class_names None = from {data_root}/classes.txt (a value given must agree with it); palette, the colours
+    # of the predictions, None = {data_root}/palette.txt if there is one.
+    per_dataset = {
+        "voc": dict(data_root="{root}/DATA/pascal_voc", train_list="{data_root}/lists/train_aug.txt",
+                    num_classes=21, class_names=VOC_CLASS_NAMES, crop_size=512),
+        "cityscapes": dict(data_root="{root}/DATA/city", train_list="{data_root}/lists/train.txt",
+                           num_classes=19, class_names=CITYSCAPES_CLASS_NAMES, crop_size=800),
+        "custom": dict(data_root="{root}/DATA/custom", train_list="{data_root}/lists/train.txt",
+                       num_classes=None, class_names=None, palette=None, crop_size=512),
+    }
+    if dataset not in per_dataset:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {tuple(per_dataset)}")
     C.dataset = dataset
-    if dataset == "voc":
-        C.data_root = "{root}/DATA/pascal_voc"
-        C.train_list = "{data_root}/lists/train_aug.txt"
-        C.num_classes = 21
-        C.class_names = VOC_CLASS_NAMES
-        C.crop_size = 512
-    elif dataset == "cityscapes":
-        C.data_root = "{root}/DATA/city"
-        C.train_list = "{data_root}/lists/train.txt"
-        C.num_classes = 19
-        C.class_names = CITYSCAPES_CLASS_NAMES
-        C.crop_size = 800
-    elif dataset == "custom":
-        C.data_root = "{root}/DATA/custom"
-        C.train_list = "{data_root}/lists/train.txt"
-        C.num_classes = None           # None: from {data_root}/classes.txt; a value given must agree with it
-        C.class_names = None
-        C.palette = None               # colours of the predictions; None: {data_root}/palette.txt if there is one
-        C.crop_size = 512
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}: expected 'voc', 'cityscapes' or 'custom'")
+    C.update(per_dataset[dataset])
     C.partition = 8                    # 1/partition of the training list is labeled
     C.labeled_list = "{data_root}/lists/labeled_1-{partition}.txt"
     C.unlabeled_list = "{data_root}/lists/unlabeled_1-{partition}.txt"
