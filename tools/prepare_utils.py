@@ -1,4 +1,5 @@
-"""Shared machinery of tools/prepare_voc.py and tools/prepare_cityscapes.py.
+"""Shared machinery of tools/prepare_voc.py, prepare_cityscapes.py and prepare_custom.py (a tools/ module, not
+part of the furnace library: no training run needs it).
 
 The dataset tools only decide *which* archive member goes *where*; this module does the rest:
 
@@ -10,9 +11,10 @@ The dataset tools only decide *which* archive member goes *where*; this module d
 - a manifest (`.prepared.json` in the output folder) recording every output file with its size and the
   per-image class histograms; a re-run whose manifest still matches the disk skips the archives entirely.
 - `TaskPool`: label decoding/encoding in a few threads while the main thread streams the archive.
-- partitions: the published lists shipped in published_splits/ when the training list is the published one,
-  seeded ones otherwise or on request, or a user's folder of published lists (one protocol of several by
-  name); their class-frequency balance, and the count check.
+- partitions: the published lists shipped in furnace/data/published_splits/ when the training list is the
+  published one, seeded ones otherwise or on request, or a user's folder of published lists (one protocol of
+  several by name); their class-frequency balance, and the count check.
+- `cli_main`: a preparer's main, with a PrepareError reported as a message and exit status 1.
 """
 from __future__ import annotations
 
