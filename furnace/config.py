@@ -3,8 +3,8 @@
 An experiment folder's `config.py` starts from `new_config(dataset, __file__)` and sets what differs.
 At launch, `resolve(C, overrides)` applies, in this order (later wins):
   1. files given with `--cfg FILE` (lines `key = value`, '#' comments),
-  2. environment variables `MGD_<KEY>` (e.g. MGD_BATCH_SIZE=4, MGD_DATA_ROOT=/data/voc),
-  3. command-line `key=value` pairs (e.g. `python train.py lr=0.01 epochs=2`).
+  2. command-line `key=value` pairs (e.g. `python train.py lr=0.01 epochs=2`).
+No environment variable sets a key, so a run's settings do not depend on the shell it starts from.
 Values are Python literals where they parse as one (`0.01`, `[0.5, 1.0]`, `None`), strings otherwise.
 An unknown key is an error naming where it came from. String values may use the placeholders
 {root} (repository), {exp_dir}, {exp_name}, {method}, {data_root}, {partition}, {output_dir}, and in output_dir
@@ -13,16 +13,16 @@ variant (furnace/run.py), so that each run has its own folder.
 """
 import argparse
 import ast
+import numbers
 import os
 import os.path as osp
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Mapping
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from easydict import EasyDict
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-ENV_PREFIX = "MGD_"
 
-NETWORKS = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v2")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 TEACHER_PRECISIONS = ("auto", "amp", "int8")
 
@@ -50,29 +50,21 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     C.exp_dir = exp_dir
     C.seed = 12345
 
-    # data
+    # data: per dataset its folder, training list, classes and training crop. custom: num_classes and
+    # class_names None = from {data_root}/classes.txt (a value given must agree with it); palette, the colours
+    # of the predictions, None = {data_root}/palette.txt if there is one.
+    per_dataset = {
+        "voc": dict(data_root="{root}/DATA/pascal_voc", train_list="{data_root}/lists/train_aug.txt",
+                    num_classes=21, class_names=VOC_CLASS_NAMES, crop_size=512),
+        "cityscapes": dict(data_root="{root}/DATA/city", train_list="{data_root}/lists/train.txt",
+                           num_classes=19, class_names=CITYSCAPES_CLASS_NAMES, crop_size=800),
+        "custom": dict(data_root="{root}/DATA/custom", train_list="{data_root}/lists/train.txt",
+                       num_classes=None, class_names=None, palette=None, crop_size=512),
+    }
+    if dataset not in per_dataset:
+        raise ValueError(f"unknown dataset {dataset!r}: expected one of {tuple(per_dataset)}")
     C.dataset = dataset
-    if dataset == "voc":
-        C.data_root = "{root}/DATA/pascal_voc"
-        C.train_list = "{data_root}/lists/train_aug.txt"
-        C.num_classes = 21
-        C.class_names = VOC_CLASS_NAMES
-        C.crop_size = 512
-    elif dataset == "cityscapes":
-        C.data_root = "{root}/DATA/city"
-        C.train_list = "{data_root}/lists/train.txt"
-        C.num_classes = 19
-        C.class_names = CITYSCAPES_CLASS_NAMES
-        C.crop_size = 800
-    elif dataset == "custom":
-        C.data_root = "{root}/DATA/custom"
-        C.train_list = "{data_root}/lists/train.txt"
-        C.num_classes = None           # None: from {data_root}/classes.txt; a value given must agree with it
-        C.class_names = None
-        C.palette = None               # colours of the predictions; None: {data_root}/palette.txt if there is one
-        C.crop_size = 512
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}: expected 'voc', 'cityscapes' or 'custom'")
+    C.update(per_dataset[dataset])
     C.partition = 8                    # 1/partition of the training list is labeled
     C.labeled_list = "{data_root}/lists/labeled_1-{partition}.txt"
     C.unlabeled_list = "{data_root}/lists/unlabeled_1-{partition}.txt"
@@ -166,6 +158,20 @@ def new_config(dataset: str, exp_file: str) -> EasyDict:
     return C
 
 
+def load_experiment(exp_dir: Union[str, os.PathLike]) -> EasyDict:
+    """The `C` of an experiment folder's config.py, before any override. The file is executed anew on each
+    call and not kept in sys.modules, so each call returns a fresh copy that no earlier caller has changed."""
+    import importlib.util
+    path = osp.join(exp_dir, "config.py")
+    if not osp.isfile(path):
+        raise FileNotFoundError(f"experiment folder {exp_dir} has no config.py")
+    name = "exp_config_" + osp.basename(osp.abspath(exp_dir)).replace(".", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.C
+
+
 def parse_value(text: str):
     """A Python literal if `text` is one, else the string itself."""
     try:
@@ -191,16 +197,11 @@ def read_override_file(path: str) -> List[Tuple[str, str, str]]:
     return items
 
 
-def collect_overrides(cfg_files: Iterable[str] = (), pairs: Iterable[str] = (),
-                      environ: Optional[Dict[str, str]] = None) -> List[Tuple[str, str, str]]:
-    """All overrides in the order they apply: files, then MGD_* environment variables, then key=value pairs."""
-    environ = os.environ if environ is None else environ
+def collect_overrides(cfg_files: Iterable[str] = (), pairs: Iterable[str] = ()) -> List[Tuple[str, str, str]]:
+    """All overrides in the order they apply: files, then key=value pairs."""
     items = []
     for path in cfg_files:
         items += read_override_file(path)
-    for name in sorted(environ):
-        if name.startswith(ENV_PREFIX):
-            items.append((name[len(ENV_PREFIX):].lower(), environ[name], f"environment variable {name}"))
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"command-line override {pair!r} is not of the form key=value")
@@ -312,9 +313,6 @@ def check(C: EasyDict) -> None:
     def need(cond: bool, msg: str):
         if not cond:
             raise ValueError(f"config: {msg}")
-    from furnace.settings import METHODS
-    need(C.method in METHODS, f"method={C.method!r}; expected one of {METHODS}")
-    need(C.network in NETWORKS, f"network={C.network!r}; expected one of {NETWORKS}")
     need(C.amp in AMP_MODES, f"amp={C.amp!r}; expected one of {AMP_MODES}")
     need(C.teacher_bn in ("eval", "train"), f"teacher_bn={C.teacher_bn!r}; expected 'eval' or 'train'")
     need(C.teacher_precision in TEACHER_PRECISIONS,
@@ -358,12 +356,30 @@ def check(C: EasyDict) -> None:
         need(isinstance(C[key], (int, float)) and C[key] >= 0, f"{key}={C[key]!r} must be a number >= 0")
 
 
-def crop_hw(size) -> Tuple[int, int]:
-    """(height, width) of a crop given as an int or a pair."""
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
+_REQUIRED = object()
+
+
+def config_value(C, key: str, default=_REQUIRED):
+    """C's value of `key`, for a full config and for a partial one (a checkpoint's saved config, a dict
+    given by a test or a script): a key that is missing or None takes `default`; without a default that is
+    an error naming the key. C: a mapping (EasyDict, dict) or an object with attributes."""
+    value = C.get(key) if isinstance(C, Mapping) else getattr(C, key, None)
+    if value is not None:
+        return value
+    if default is _REQUIRED:
+        raise KeyError(f"config has no value for {key!r}")
+    return default
+
+
+def crop_hw(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """(height, width) of a crop size given as an int (a square) or an (h, w) pair, as crop_size and
+    eval_crop_size are. Here, in the torch-free config module, so that transforms and evaluation share it."""
+    if isinstance(size, numbers.Integral):  # numpy integers too
+        return int(size), int(size)
+    hw = tuple(int(s) for s in size)
+    if len(hw) != 2:
+        raise ValueError(f"a crop size must be an int or (h, w), got {size!r}")
+    return hw
 
 
 def config_from_cli(C: EasyDict, parser: argparse.ArgumentParser,

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -23,20 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from furnace.checkpoint import load_segmentor
-from furnace.config import config_from_cli
+from furnace.config import config_from_cli, config_value, crop_hw
 from furnace.distributed import init_distributed
 from furnace.metrics import confusion_matrix, format_results, iou_per_class, mean_iou, pixel_accuracy
 from furnace.visualize import config_palette, get_palette, save_label_png
 
 
 # ----------------------------------------------------------------------------------------------- inference
-def _pair(size) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    h, w = size
-    return int(h), int(w)
-
-
 def _logits(model, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     return out["logits"] if isinstance(out, dict) else out
@@ -64,7 +56,7 @@ def sliding_probs(model, image: torch.Tensor, crop_size=512, stride_rate: float 
     pixel gets the mean of the softmax probabilities of the windows containing it; the padding is cut off.
     Windows go through the model in batches of at most max_batch images; everything stays on image.device.
     """
-    ch, cw = _pair(crop_size)
+    ch, cw = crop_hw(crop_size)
     b, _, h, w = image.shape
     pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
     top, left = pad_h // 2, pad_w // 2
@@ -123,18 +115,11 @@ def predict_probs(model, image: torch.Tensor, mode: str = "sliding", crop_size=5
 def inference_options(C, mode=None, scales=None, flip=None) -> dict:
     """predict_probs keyword arguments from the config (C.eval_mode, eval_crop_size, eval_stride_rate,
     eval_scales, eval_flip), with explicit arguments taking precedence."""
-    return dict(mode=mode or _cfg(C, "eval_mode", "sliding"),
-                crop_size=_pair(_cfg(C, "eval_crop_size", 512)),
-                stride_rate=float(_cfg(C, "eval_stride_rate", 2 / 3)),
-                scales=[float(s) for s in (scales or _cfg(C, "eval_scales", None) or [1.0])],
-                flip=bool(_cfg(C, "eval_flip", False) if flip is None else flip))
-
-
-def _cfg(C, key, default=None):
-    value = getattr(C, key, None)
-    if value is None and isinstance(C, dict):
-        value = C.get(key)
-    return default if value is None else value
+    return dict(mode=mode or config_value(C, "eval_mode", "sliding"),
+                crop_size=crop_hw(config_value(C, "eval_crop_size", 512)),
+                stride_rate=float(config_value(C, "eval_stride_rate", 2 / 3)),
+                scales=[float(s) for s in (scales or config_value(C, "eval_scales", None) or [1.0])],
+                flip=bool(config_value(C, "eval_flip", False) if flip is None else flip))
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -158,7 +143,7 @@ def evaluate_dataset(model, dataset, C, device, rank: int = 0, world: int = 1, s
     name. options: predict_probs keyword arguments, default inference_options(C).
     """
     opts = options if options is not None else inference_options(C)
-    n = int(_cfg(C, "num_classes"))
+    n = int(config_value(C, "num_classes"))
     conf = torch.zeros(n, n, dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
@@ -173,7 +158,8 @@ def evaluate_dataset(model, dataset, C, device, rank: int = 0, world: int = 1, s
         pred = predict_probs(model, image, **opts).argmax(1)[0]
         conf += confusion_matrix(pred, label, n)
         if save_path:
-            save_prediction(save_path, sample["name"], pred.cpu().numpy(), _cfg(C, "dataset", "voc"), config_palette(C))
+            save_prediction(save_path, sample["name"], pred.cpu().numpy(), config_value(C, "dataset", "voc"),
+                            config_palette(C))
     model.train(was_training)
     if world > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(conf, op=dist.ReduceOp.SUM)
@@ -238,19 +224,19 @@ def evaluate_checkpoints(C, epochs: str | None = None, checkpoints: Sequence[str
     unless `dataset` is given). Rank 0 prints a per-class table per checkpoint, names the best of several, and
     appends everything to log_file (default C.output_dir/eval.log).
     Returns [dict(checkpoint, epoch, miou, pixel_acc, iou)] with fractions in 0..1 and NaN for absent classes."""
-    info = init_distributed(device or _cfg(C, "device", "auto"))
+    info = init_distributed(device or config_value(C, "device", "auto"))
     rank, world, dev = info.rank, info.world_size, info.device
     if dataset is None:
         from furnace.data import build_dataset
         dataset = build_dataset(C, "val")
-    output_dir = _cfg(C, "output_dir", ".")
+    output_dir = config_value(C, "output_dir", ".")
     paths = resolve_checkpoints(os.path.join(output_dir, "snapshot"), epochs, checkpoints)
     opts = inference_options(C, mode, scales, flip)
-    names = _cfg(C, "class_names", None)
+    names = config_value(C, "class_names", None)
     log_file = log_file or os.path.join(output_dir, "eval.log")
     results = []
     for path in paths:
-        model = load_segmentor(path, num_classes=int(_cfg(C, "num_classes"))).to(dev).eval()
+        model = load_segmentor(path, num_classes=int(config_value(C, "num_classes"))).to(dev).eval()
         sub = save_path
         if save_path and len(paths) > 1:  # one folder per checkpoint, e.g. SAVE/epoch-30/
             sub = os.path.join(save_path, os.path.splitext(os.path.basename(path))[0])

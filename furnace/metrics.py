@@ -16,9 +16,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from furnace.data import IGNORE_INDEX
 
 
-def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred, target, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """(num_classes, num_classes) int64 confusion matrix, rows = ground truth, columns = prediction.
 
     pred and target: integer tensors/arrays of the same shape (any shape). Pixels where target == ignore_index

@@ -26,7 +26,7 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from furnace.losses import IGNORE_INDEX
+from furnace.data import IGNORE_INDEX
 
 try:
     with warnings.catch_warnings():

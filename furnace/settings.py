@@ -2,13 +2,16 @@
 
 `RULES` maps each key to a check (a function of the value returning an error text, or None when the value is
 fine). `check_settings(C)` applies them all and raises one ValueError naming every bad setting, with where
-its value came from when known (a --cfg line, an environment variable, a command-line override). Every key
+its value came from when known (a --cfg line, a command-line override). Every key
 of `new_config` must have a rule: tests/test_run.py fails on a key without one.
 """
 import numbers
 from typing import Callable, Dict, Optional
 
-NETWORKS = ("resnet18", "resnet50", "resnet101", "wide_resnet50_2", "mobilenet_v2")
+# This loads torch; furnace.config stays light by importing this module only in resolve(), when new_config
+# has loaded torch already (furnace.data).
+from furnace.models import NETWORKS
+
 Check = Callable[[object], Optional[str]]
 
 

@@ -32,7 +32,7 @@ from furnace.data import read_image, write_label
 from furnace.data.transforms import normalize
 from furnace.distributed import DistInfo
 from furnace.evaluate import inference_options, predict_probs
-from furnace.losses import IGNORE_INDEX
+from furnace.data import IGNORE_INDEX
 from furnace.teachers import ROLES, FrozenTeacher
 
 

@@ -1,7 +1,14 @@
-"""Fixtures shared by the training and reliability tests."""
+"""Fixtures shared by the training and reliability tests; tools/ on sys.path, so that tests import a tool
+as a module (`import make_toy_data`): tools/ is not a package, and its scripts import each other the same
+way, as siblings."""
+import sys
+from pathlib import Path
+
 import pytest
 
-from trainkit import toy_root, torch_threads
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from trainkit import toy_root, torch_threads  # noqa: E402
 
 
 @pytest.fixture(scope="module")

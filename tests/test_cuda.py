@@ -7,11 +7,12 @@ import pytest
 import torch
 from easydict import EasyDict
 
+import benchmark
+import gpu_check
 from furnace.config import new_config, resolve
 from furnace.evaluate import sliding_probs
 from furnace.methods import resolve_amp, teacher_predict
 from furnace.models import build_segmentor
-from trainkit import load_tool
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -19,14 +20,13 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def data_root():
-    return load_tool("benchmark").ensure_toy_data(None)
+    return benchmark.ensure_toy_data(None)
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("method,setting", [("supervised", "published"), ("cps", "published"),
                                             ("mgd", "published"), ("mgd", "fast")])
 def test_cuda_step_finite(method, setting, amp, data_root):
-    gpu_check = load_tool("gpu_check")
     nets = dict(student="mobilenet_v2", deep="resnet18", wide="resnet18")
     row = gpu_check.method_step(method, setting, amp, 64, 4, nets, CUDA, data_root)
     assert row["finite"] and math.isfinite(row["loss"]) and row["peak_memory_mb"] > 0
@@ -52,7 +52,7 @@ def test_cuda_sliding_window_stays_on_device():
 
 
 def test_cuda_tiny_benchmark_gradients(tmp_path):
-    saved = load_tool("benchmark").main(["--tiny", "--device", "cuda", "--json", str(tmp_path / "b.json")])
+    saved = benchmark.main(["--tiny", "--device", "cuda", "--json", str(tmp_path / "b.json")])
     assert saved["grad_max_rel_diff"] < 1e-3  # TF32 convolutions on both sides
     assert saved["grad_max_rel_diff_train_bn"] < 1e-3
     assert saved["flops_per_step"]["published_setting"] == saved["flops_per_step"]["published"]

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from furnace.config import collect_overrides, resolve
+import prepare_custom as prep
+from furnace.config import collect_overrides, load_experiment, resolve
 from furnace.data import CustomDataset, build_dataset, read_list, write_label
-from furnace.data.prepare_utils import PrepareError
 from furnace.data.splits import partition
-from trainkit import ROOT, TOY_CLASSES, exp_config, load_tool, overrides, train_in_process
+from prepare_utils import PrepareError
+from trainkit import ROOT, TOY_CLASSES, overrides, train_in_process
 
-prep = load_tool("prepare_custom")
 EXP = ROOT / "exp.custom" / "custom8.resnet18_deeplabv3plus"
 PALETTE = [[0, 0, 0], [200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30], [30, 200, 200]]
 
@@ -70,7 +70,7 @@ def test_lists_and_partitions(custom, toy, capsys):
 
 
 def test_dataset_and_config_read_the_files(custom, toy):
-    C = resolve(exp_config(EXP), collect_overrides(pairs=[f"data_root={custom}"]))
+    C = resolve(load_experiment(EXP), collect_overrides(pairs=[f"data_root={custom}"]))
     assert (C.dataset, C.num_classes, C.class_names, C.palette) == ("custom", 6, TOY_CLASSES, PALETTE)
     val = build_dataset(C, "val")
     assert isinstance(val, CustomDataset) and len(val) == 5
@@ -85,9 +85,9 @@ def test_dataset_and_config_read_the_files(custom, toy):
         indices = np.array(im)
     assert np.array_equal(train[0]["label"].numpy(), indices) and set(np.unique(indices)) - {255} <= set(range(6))
     with pytest.raises(ValueError, match="num_classes=7 but .* has 6"):
-        resolve(exp_config(EXP), collect_overrides(pairs=[f"data_root={custom}", "num_classes=7"]))
+        resolve(load_experiment(EXP), collect_overrides(pairs=[f"data_root={custom}", "num_classes=7"]))
     with pytest.raises(FileNotFoundError, match="classes.txt.*prepare_custom"):
-        resolve(exp_config(EXP), collect_overrides(pairs=[f"data_root={toy}"]))
+        resolve(load_experiment(EXP), collect_overrides(pairs=[f"data_root={toy}"]))
 
 
 def small_folder(root: Path, n: int = 6) -> Path:
@@ -150,7 +150,7 @@ def test_train_and_evaluate_through_the_experiment_folder(custom, tmp_path, one_
     seg = Segmenter.from_checkpoint(last, device="cpu")
     assert seg.num_classes == 6 and seg.class_names == TOY_CLASSES
     assert np.array_equal(seg.palette[:6], PALETTE)  # the checkpoint carries the folder's colours
-    C = resolve(exp_config(EXP), collect_overrides(pairs=args))
+    C = resolve(load_experiment(EXP), collect_overrides(pairs=args))
     (result,) = evaluate_checkpoints(C, checkpoints=[str(last)], save_path=str(tmp_path / "pred"), device="cpu",
                                      verbose=False)
     assert 0 <= result["miou"] <= 1

@@ -1,5 +1,4 @@
 """furnace.data: IO, datasets on the toy data, transforms, CutMix masks, palettes, splits, bad-input errors."""
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -9,27 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
+import make_splits
+import make_toy_data
 from furnace.data import (CITYSCAPES_PALETTE, IMAGENET_MEAN, IMAGENET_STD, VOC_PALETTE, CityscapesDataset,
                           DatasetError, TrainTransform, ValTransform, VOCDataset, build_dataset, check_dataset,
                           cutmix_box_mask, partition, read_image, read_label, read_list, write_label, write_list)
 from furnace.data.cityscapes_labels import LABEL_ID_TO_TRAIN_ID
 
-ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    _load_tool("make_toy_data").generate(out, seed=3, num_train=16, num_val=4, num_city_train=6, num_city_val=2,
-                                         log=lambda *a: None)
+    make_toy_data.generate(out, seed=3, num_train=16, num_val=4, num_city_train=6, num_city_val=2,
+                           log=lambda *a: None)
     return out
 
 
@@ -239,7 +232,6 @@ def test_cutmix_three_boxes_mean_coverage():
 
 # ---- splits ----------------------------------------------------------------------------------------------
 def test_make_splits_cli(tmp_path):
-    make_splits = _load_tool("make_splits")
     names = [f"img_{i:04d}" for i in range(100)]
     write_list(tmp_path / "train.txt", names)
     for out, seed in (("a", "0"), ("b", "0"), ("c", "1")):

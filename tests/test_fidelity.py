@@ -146,13 +146,13 @@ def test_setting_decides_the_step_keys_and_explicit_keys_win():
 
 def test_experiment_configs_use_the_published_update():
     """Effective lr on the mean gradient and weight decay relative to it (README, "Learning rate")."""
-    from trainkit import exp_config
+    from furnace.config import load_experiment
     want = {"voc8.resnet18_deeplabv3plus": (0.0025, 4e-4), "voc8.mobilev2_deeplabv3plus": (0.0035, 4e-4),
             "voc8.resnet101_deeplabv3plus": (0.0025, 4e-4), "voc8.wresnet50_deeplabv3plus": (0.001, 4e-4),
             "city8.resnet18_deeplabv3plus": (0.0025, 8e-4), "city8.resnet101_deeplabv3plus": (0.0025, 8e-4),
             "city8.wresnet50_deeplabv3plus": (0.0025, 8e-4)}
     for name, (lr, wd) in want.items():
-        C = exp_config(ROOT / ("exp.voc" if name.startswith("voc") else "exp.city") / name)
+        C = load_experiment(ROOT / ("exp.voc" if name.startswith("voc") else "exp.city") / name)
         assert (C.lr, C.weight_decay, C.setting) == (lr, wd, "published"), name
         assert math.isclose(C.batch_size / C.gpu_batch, 4 if name.startswith("voc") else 8), name
 

@@ -5,11 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
+import export_onnx
+import predict
 from furnace.data import VOC_PALETTE, normalize
 from furnace.evaluate import predict_probs
 from furnace.inference import Segmenter, image_tensor
 from furnace.models import build_segmentor
-from trainkit import load_tool, torch_threads
+from trainkit import torch_threads
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 CONFIG = dict(dataset="voc", eval_mode="sliding", eval_crop_size=32, eval_stride_rate=0.5, eval_scales=[0.75, 1.0],
@@ -101,10 +103,9 @@ def test_predict_and_export_go_through_it(checkpoint, tmp_path, monkeypatch, one
         return made[-1]
 
     monkeypatch.setattr(Segmenter, "from_checkpoint", classmethod(spy))
-    load_tool("predict").main(["-p", str(path), "-i", str(folder), "-o", str(tmp_path / "out"), "--device", "cpu"])
+    predict.main(["-p", str(path), "-i", str(folder), "-o", str(tmp_path / "out"), "--device", "cpu"])
     assert len(made) == 1 and made[0].options["flip"] and made[0].options["scales"] == [0.75, 1.0]
     mask = Image.open(tmp_path / "out" / "a.png")
     assert np.array_equal(np.array(mask), reference(net, image).argmax(0))  # the checkpoint's scales and flip
-    export_onnx = load_tool("export_onnx")
     (x,) = export_onnx.load_images([folder], 1, MEAN, STD)
     assert torch.equal(x, image_tensor(image, MEAN, STD)) and torch.equal(x, made[0].to_tensor(image))

@@ -4,7 +4,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -15,14 +14,12 @@ import scipy.io
 import scipy.sparse
 from PIL import Image
 
-from furnace.data.prepare_utils import (PartitionChoice, PrepareError, PublishedLists, find_published,
-                                        is_published_set, list_tokens, published_protocols,
-                                        resolve_partitions, shipped_published)
+import make_toy_data
+import prepare_cityscapes
+import prepare_voc
 from furnace.data.splits import partition, read_list
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import prepare_cityscapes  # noqa: E402
-import prepare_voc  # noqa: E402
+from prepare_utils import (PartitionChoice, PrepareError, PublishedLists, find_published, is_published_set,
+                           list_tokens, published_protocols, resolve_partitions, shipped_published)
 
 # ------------------------------------------------------------------------------------------ miniature VOC
 VOC_TRAIN = [f"2007_{i:06d}" for i in (1, 2, 3, 4)]
@@ -749,13 +746,8 @@ def test_sbd_dataset_folder_accepted(voc_data, voc_out, tmp_path, capsys):
 
 
 def test_toy_data_gets_seeded_partitions_and_says_so(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_toy_data", Path(__file__).resolve().parents[1] / "tools" /
-                                                  "make_toy_data.py")
-    toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
     log = []
-    toy.generate(tmp_path, seed=5, num_train=16, num_val=2, num_city_train=4, num_city_val=2, log=log.append)
+    make_toy_data.generate(tmp_path, seed=5, num_train=16, num_val=2, num_city_train=4, num_city_val=2, log=log.append)
     assert any("(16 train, 2 val; seeded partitions, seed 5" in line for line in log)
     voc = tmp_path / "pascal_voc" / "lists"
     train = read_list(voc / "train_aug.txt")

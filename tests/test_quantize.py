@@ -7,15 +7,15 @@ import torch
 import torch.nn as nn
 from easydict import EasyDict
 
-from furnace.config import collect_overrides, resolve
+from furnace.config import collect_overrides, load_experiment, resolve
+from furnace.amp import resolve_amp
+from furnace.data import IGNORE_INDEX
 from furnace.distributed import DistInfo
 from furnace.engine import build_datasets
-from furnace.losses import IGNORE_INDEX
-from furnace.amp import resolve_amp
 from furnace.models import build_segmentor
 from furnace.quantize import argmax_agreement, int8_supported, quantize_teacher, quantized_engine
 from furnace.teachers import FrozenTeacher, load_teachers, precision_reason
-from trainkit import NUM_CLASSES, exp_config, make_teacher, overrides, train_in_process
+from trainkit import EXP, NUM_CLASSES, make_teacher, overrides, train_in_process
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not int8_supported(torch.device("cpu")), reason="no int8 CPU kernels")]
@@ -118,7 +118,7 @@ def _load(toy, tmp_path, teacher_paths, **changes):
     settings = dict(method="mgd", teacher_deep=teacher_paths[0], teacher_wide=teacher_paths[1],
                     teacher_calibration_images=4, teacher_check_images=2, setting="fast")  # int8: eval-mode teachers
     settings.update(changes)
-    C = resolve(exp_config(), collect_overrides([], overrides(toy, tmp_path, **settings), environ={}))
+    C = resolve(load_experiment(EXP), collect_overrides([], overrides(toy, tmp_path, **settings)))
     messages = []
 
     class Collect(logging.Handler):

@@ -7,10 +7,9 @@ import statistics
 import pytest
 import torch
 
+import collect_results as collect
+import toy_pipeline
 from furnace.config import SETTINGS
-from trainkit import load_tool
-
-collect = load_tool("collect_results")
 
 
 def fake_run(folder, miou, seed=0, network="resnet18", method="mgd", partition=8, best=None, epochs=2,
@@ -82,7 +81,6 @@ def test_plot_across_partitions_and_errors(tmp_path, capsys):
 def test_quickstart_summary_and_verdict(tmp_path):
     """The toy pipeline's rows are its stages' runs read back, seeds together; the verdict compares the gap with
     three times the larger spread."""
-    pipeline = load_tool("toy_pipeline")
     records = []
     for method, values in [("supervised", [60.0, 62.0, 64.0]), ("mgd", [70.0, 71.0, 72.0])]:
         for seed, miou in enumerate(values):
@@ -90,12 +88,12 @@ def test_quickstart_summary_and_verdict(tmp_path):
             fake_run(folder, miou, seed=seed, method=method)
             records.append({**collect.read_run(str(folder)), "label": f"ResNet-18 {method}", "role": "student",
                             "params_m": 16.6})
-    rows = pipeline.summarise(records)
+    rows = toy_pipeline.summarise(records)
     assert [(r["label"], r["n"]) for r in rows] == [("ResNet-18 supervised", 3), ("ResNet-18 mgd", 3)]
     assert rows[1]["miou_last_mean"] == pytest.approx(71.0) and rows[0]["miou_last_std"] == pytest.approx(2.0)
-    assert "+9.00 mIoU over 3 seeds" in pipeline.verdict(rows) and "a difference" in pipeline.verdict(rows)
+    assert "+9.00 mIoU over 3 seeds" in toy_pipeline.verdict(rows) and "a difference" in toy_pipeline.verdict(rows)
     rows[0]["miou_last_std"] = 3.5
-    assert "no difference" in pipeline.verdict(rows)
+    assert "no difference" in toy_pipeline.verdict(rows)
     rows[0]["n"] = 1
-    assert "not a result" in pipeline.verdict(rows)
-    assert "| resnet18 | mgd | 3 | 71.00 ± 1.00 | 70.0, 71.0, 72.0 |" in pipeline.format_table(rows)
+    assert "not a result" in toy_pipeline.verdict(rows)
+    assert "| resnet18 | mgd | 3 | 71.00 ± 1.00 | 70.0, 71.0, 72.0 |" in toy_pipeline.format_table(rows)

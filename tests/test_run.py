@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from furnace.config import collect_overrides, new_config, resolve
+from furnace.config import collect_overrides, load_experiment, new_config, resolve
 from furnace.run import RunRefused, run_name
 from furnace.settings import RULES
-from trainkit import (EXP, PYTHON, ROOT, TOY_CLASSES, clean_env, driver_command, exp_config, load, overrides,
+from trainkit import (EXP, PYTHON, ROOT, TOY_CLASSES, clean_env, driver_command, load, overrides,
                       train_in_process)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,7 +55,7 @@ def test_every_setting_has_a_type_and_range_rule(tmp_path):
         assert not missing, f"keys of new_config without a rule in furnace/settings.py RULES: {missing}"
     (tmp_path / "classes.txt").write_text("a\nb\n")  # a custom dataset's classes are read from its folder
     for config in sorted(ROOT.glob("exp.*/*/config.py")):  # every experiment's own settings pass
-        C = exp_config(config.parent)
+        C = load_experiment(config.parent)
         resolve(C, collect_overrides(pairs=[f"data_root={tmp_path}"] if C.dataset == "custom" else []))
 
 
@@ -78,7 +78,7 @@ BAD = [("lr=abc", "lr='abc' must be a number"), ("lr=0", "lr=0 must be > 0"), ("
 @pytest.mark.parametrize("pair,fragment", BAD, ids=[p for p, _ in BAD])
 def test_bad_setting_is_refused_by_name(pair, fragment):
     with pytest.raises(ValueError) as error:
-        resolve(exp_config(), collect_overrides(pairs=[pair]))
+        resolve(load_experiment(EXP), collect_overrides(pairs=[pair]))
     assert fragment in str(error.value) and f"command-line override {pair!r}" in str(error.value)
 
 
@@ -120,7 +120,7 @@ def test_keys_and_flags_in_any_order(finished):
 
 # ------------------------------------------------------------------------------------ run identity
 def test_run_names():
-    C = exp_config()
+    C = load_experiment(EXP)
     assert resolve(C).output_dir == str(EXP / "output" / "mgd")
     assert resolve(C, collect_overrides(pairs=["method=supervised", "num_workers=1", "eval_flip=True"])
                    ).output_dir == str(EXP / "output" / "supervised")  # not identity: same run

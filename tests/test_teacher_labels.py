@@ -11,7 +11,7 @@ import pytest
 import torch
 from easydict import EasyDict
 
-from furnace.config import collect_overrides, resolve
+from furnace.config import collect_overrides, load_experiment, resolve
 from furnace.data import build_dataset, paste, paste_labels, read_image, read_label
 from furnace.data.transforms import normalize
 from furnace.distributed import DistInfo
@@ -23,14 +23,14 @@ from furnace.models import build_segmentor
 from furnace.sampling import cutmix_masks
 from furnace.teacher_labels import agreement, label_path, precompute
 from furnace.teachers import FrozenTeacher
-from trainkit import (EXP, NUM_CLASSES, TORCHRUN, clean_env, exp_config, make_teacher, overrides, torch_threads,
+from trainkit import (EXP, NUM_CLASSES, TORCHRUN, clean_env, make_teacher, overrides, torch_threads,
                       train_in_process)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(toy, out, **changes):
-    return resolve(exp_config(), collect_overrides([], overrides(toy, out, **changes), environ={}))
+    return resolve(load_experiment(EXP), collect_overrides([], overrides(toy, out, **changes)))
 
 
 FAST = dict(setting="fast")  # offline teachers are one of the fast setting's choices

@@ -6,10 +6,14 @@ import pytest
 import torch
 from PIL import Image
 
+import export_onnx
+import flops
+import gpu_check
+import predict
+import toy_benchmark
 from furnace.data import VOC_PALETTE, normalize
 from furnace.evaluate import predict_probs
 from furnace.models import build_segmentor
-from trainkit import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +45,6 @@ def images(tmp_path_factory):
 
 
 def test_flops_table(tmp_path, capsys):
-    flops = load_tool("flops")
     # the counter's convention: a conv counts 2 x MACs
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     assert flops.count_flops(conv, torch.zeros(1, 3, 10, 10)) == 2 * (3 * 9 * 8) * 100
@@ -61,7 +64,6 @@ def test_flops_table(tmp_path, capsys):
 
 def test_export_onnx_matches_pytorch(checkpoint, images, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
-    export_onnx = load_tool("export_onnx")
     path, net = checkpoint
     onnx_path = tmp_path / "student.onnx"
     assert export_onnx.main(["-p", str(path), "-o", str(onnx_path), "--images", str(images / "a.jpg"),
@@ -77,7 +79,6 @@ def test_export_onnx_matches_pytorch(checkpoint, images, tmp_path, capsys):
 
 
 def test_predict_writes_masks_and_overlays(checkpoint, images, tmp_path):
-    predict = load_tool("predict")
     path, net = checkpoint
     out = tmp_path / "out"
     written = predict.main(["-p", str(path), "-i", str(images), "-o", str(out), "--device", "cpu"])
@@ -97,30 +98,28 @@ def test_predict_writes_masks_and_overlays(checkpoint, images, tmp_path):
 def test_toy_benchmark_summary_and_teachers_check(tmp_path, capsys):
     """Mean and sample standard deviation per configuration over seeds, in stage order; --teachers refuses a
     folder without the two teacher checkpoints, naming the missing file."""
-    bench = load_tool("toy_benchmark")
     row = dict(network="resnet18", method="mgd", backbone_gflops=34.3)
     runs = {0: [dict(row, label="a", miou=60.0), dict(row, label="b", miou=70.0)],
             1: [dict(row, label="a", miou=64.0), dict(row, label="b", miou=71.0)],
             2: [dict(row, label="a", miou=62.0), dict(row, label="b", miou=72.0)]}
-    rows = bench.summarise(runs)
+    rows = toy_benchmark.summarise(runs)
     assert [r["label"] for r in rows] == ["a", "b"]
     assert rows[0]["miou_mean"] == pytest.approx(62.0) and rows[0]["miou_std"] == pytest.approx(2.0)
     assert rows[1]["miou_per_seed"] == [70.0, 71.0, 72.0] and rows[1]["miou_std"] == pytest.approx(1.0)
-    table = bench.format_summary(rows, [0, 1, 2], "teachers from x, shared")
+    table = toy_benchmark.format_summary(rows, [0, 1, 2], "teachers from x, shared")
     assert "| a | 34.3 | 62.00 | 2.00 | 60.0, 64.0, 62.0 |" in table and "(teachers from x, shared)" in table
     with pytest.raises(SystemExit):
-        bench.main(["--teachers", str(tmp_path), "--out", str(tmp_path / "out")])
+        toy_benchmark.main(["--teachers", str(tmp_path), "--out", str(tmp_path / "out")])
     assert "voc8.resnet101_deeplabv3plus/cps/snapshot/last.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        bench.main(["--only", "mgd,mgd-fast,nope", "--out", str(tmp_path / "out")])
+        toy_benchmark.main(["--only", "mgd,mgd-fast,nope", "--out", str(tmp_path / "out")])
     assert "no stage tagged nope" in capsys.readouterr().err
-    assert {"supervised", "mgd", "mgd-fast", "mgd-fast-pergpu"} <= {s.tag for s in bench.benchmark_stages()}
+    assert {"supervised", "mgd", "mgd-fast", "mgd-fast-pergpu"} <= {s.tag for s in toy_benchmark.benchmark_stages()}
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
     """tools/gpu_check.py (what tools/gpu_check.sh runs on a GPU) end to end on CPU at its tiny size, without the
     CUDA tests and the benchmark (tests/test_benchmark.py runs that): every method's step finite, one table."""
-    gpu_check = load_tool("gpu_check")
     R = gpu_check.main(["--device", "cpu", "--tiny", "--skip-tests", "--skip-benchmark", "--workers", "0",
                         "--json", str(tmp_path / "g.json")])
     assert [(s["method"], s["setting"]) for s in R["steps"]] == [("supervised", "published"), ("cps", "published"),

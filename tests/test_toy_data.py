@@ -1,19 +1,13 @@
 """tools/make_toy_data.py: layout, label values, determinism by seed, readable by both datasets."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import make_toy_data as toy_gen
 from furnace.data import CityscapesDataset, VOCDataset, check_dataset, read_image, read_label, read_list
 from furnace.data.cityscapes_labels import LABEL_ID_TO_TRAIN_ID
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("make_toy_data", ROOT / "tools" / "make_toy_data.py")
-toy_gen = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(toy_gen)
 
 COUNTS = dict(num_train=32, num_val=8, num_city_train=16, num_city_val=4)
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from furnace.checkpoint import load_segmentor
-from furnace.config import collect_overrides, resolve
+from furnace.config import collect_overrides, load_experiment, resolve
 from furnace.engine import Trainer
 from furnace.sampling import cutmix_masks
 from furnace.models import build_segmentor
-from trainkit import (EXP, NUM_CLASSES, TORCHRUN, assert_bitwise_equal, clean_env, exp_config, load, overrides,
+from trainkit import (EXP, NUM_CLASSES, TORCHRUN, assert_bitwise_equal, clean_env, load, overrides,
                       tensors, train_in_process)
 
 STUDENT_KEYS = set(build_segmentor("mobilenet_v2", NUM_CLASSES).state_dict())
@@ -57,7 +57,7 @@ def check_training_checkpoint(path, method, epoch, iters_per_epoch=2):
 
 
 def trainer_for(argv):
-    return Trainer(resolve(exp_config(), collect_overrides([], argv, environ={})))
+    return Trainer(resolve(load_experiment(EXP), collect_overrides([], argv)))
 
 
 def test_supervised_baseline_has_the_semi_supervised_schedule(toy, tmp_path):

@@ -8,10 +8,10 @@ import signal
 import pytest
 import torch
 
-from furnace.config import collect_overrides, resolve
+from furnace.config import collect_overrides, load_experiment, resolve
 from furnace.engine import validation_dataset
 from furnace.evaluate import evaluate_checkpoints
-from trainkit import assert_bitwise_equal, exp_config, load, overrides, run_driver, train_in_process
+from trainkit import EXP, assert_bitwise_equal, load, overrides, run_driver, train_in_process
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # 3 epochs of 1 step, validation on 2 of the 5 toy val images; val_every=None is the default (here: every epoch)
@@ -41,7 +41,7 @@ def test_validation_results_best_checkpoint_and_logs(toy, validated):
     history, best = last["val"]["history"], last["val"]["best"]
     assert [r["epoch"] for r in history] == [1, 2, 3] and all(r["images"] == 2 for r in history)
     # each epoch's validation is eval.py's evaluation of that epoch's checkpoint on the same 2 images
-    C = resolve(exp_config(), collect_overrides(pairs=overrides(toy, out, **VAL)))
+    C = resolve(load_experiment(EXP), collect_overrides(pairs=overrides(toy, out, **VAL)))
     results = evaluate_checkpoints(C, epochs="1-3", dataset=validation_dataset(C), verbose=False,
                                    log_file=str(out / "check.log"))
     for record, result in zip(history, results):
@@ -81,7 +81,7 @@ def test_best_checkpoint_and_history_survive_a_kill(toy, validated, tmp_path):
                                            ("val_every=1.5", "val_every=1.5")])
 def test_bad_validation_setting_is_refused(pair, fragment):
     with pytest.raises(ValueError) as error:
-        resolve(exp_config(), collect_overrides(pairs=[pair]))
+        resolve(load_experiment(EXP), collect_overrides(pairs=[pair]))
     assert fragment in str(error.value)
 
 

@@ -16,6 +16,7 @@ losses and BatchNorm kept at float64; the networks start from the float32 initia
 N processes beyond float32 rounding, see test_reliability.py; tests/fp64site does the same for script.sh.
 """
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Dict, Iterable, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +37,9 @@ NUM_CLASSES = len(TOY_CLASSES)
 
 
 # ------------------------------------------------------------------------------------------ test helpers
-def load_tool(name: str):
-    """A script of tools/ imported as a module (tools/ is not a package)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_tool(name: str) -> ModuleType:
+    """The tool tools/<name>.py as a module (tests/conftest.py puts tools/ on sys.path)."""
+    return importlib.import_module(name)
 
 
 def make_toy_data(out: Path, num_train: int = 24, num_val: int = 5) -> Path:
@@ -77,19 +75,11 @@ def overrides(data_root, output_dir, **changes) -> List[str]:
     return [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in values.items()]
 
 
-def exp_config(exp_dir: Path = EXP):
-    """A fresh copy of the experiment's `C` (its config.py, loaded by path)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"exp_config_{Path(exp_dir).name}", Path(exp_dir) / "config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.C
-
-
 def train_in_process(argv: List[str], exp_dir: Path = EXP) -> dict:
     """furnace.engine.main(C, argv) in this process, as the experiment's train.py would run it."""
+    from furnace.config import load_experiment
     from furnace.engine import main
-    return main(exp_config(exp_dir), argv)
+    return main(load_experiment(exp_dir), argv)
 
 
 @contextlib.contextmanager
@@ -108,8 +98,8 @@ def torch_threads(n: int):
 
 
 def clean_env(**extra) -> Dict[str, str]:
-    """This environment without MGD_* overrides (they would change the runs), one thread per process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MGD_")}
+    """This environment with one thread per process, furnace importable, and `extra`."""
+    env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     env.update(extra)
@@ -284,17 +274,18 @@ def _driver(argv: List[str]) -> None:
     sys.path.insert(0, osp.abspath(args.exp_dir))
     import torch.distributed as dist
     import furnace.engine
+    from furnace.config import load_experiment
     if args.fault:
         _install_fault(args.fault)
     if not args.runs:
-        furnace.engine.main(exp_config(Path(args.exp_dir)), train_args)
+        furnace.engine.main(load_experiment(args.exp_dir), train_args)
         return
     destroy = dist.destroy_process_group
     dist.destroy_process_group = lambda *a, **k: None  # one process group for all the runs
     try:
         for run in json.loads(args.runs):
             with float64_everywhere() if run.get("fp64") else contextlib.nullcontext():
-                furnace.engine.main(exp_config(Path(args.exp_dir)),
+                furnace.engine.main(load_experiment(args.exp_dir),
                                     train_args + run["args"] + [f"output_dir={run['out']}"])
     finally:
         dist.destroy_process_group = destroy

@@ -16,7 +16,6 @@ and prints one table of all of it. Networks are random-init (speed and finitenes
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import os.path as osp
@@ -35,14 +34,10 @@ from furnace.engine import build_datasets
 from furnace.methods import CPSPair, cps_step, mgd_step, supervised_step
 from furnace.models import build_segmentor
 
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the sibling tool benchmark
+import benchmark  # noqa: E402
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", osp.join(ROOT, "tools", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sync(device: torch.device) -> None:
@@ -123,11 +118,11 @@ def cuda_tests() -> dict:
                 seconds=time.perf_counter() - t0)
 
 
-def loader_rates(bench, C: EasyDict, device: torch.device, workers: List[int], batches: int) -> Dict[int, dict]:
+def loader_rates(C: EasyDict, device: torch.device, workers: List[int], batches: int) -> Dict[int, dict]:
     datasets = build_datasets(C)
     out = {}
     for w in workers:
-        out[w] = bench.loader_throughput(EasyDict(dict(C, num_workers=w)), datasets, device, batches)
+        out[w] = benchmark.loader_throughput(EasyDict(dict(C, num_workers=w)), datasets, device, batches)
     return out
 
 
@@ -186,8 +181,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     crop, batch = (32, 2) if args.tiny else (512, 8)
     nets = (dict(student="mobilenet_v2", deep="resnet18", wide="resnet18") if args.tiny
             else dict(student="resnet18", deep="resnet101", wide="wide_resnet50_2"))
-    bench = load_benchmark()
-    data_root = bench.ensure_toy_data(None)
+    data_root = benchmark.ensure_toy_data(None)
     R: dict = dict(config=dict(crop=crop, batch=batch, networks=nets, device=str(device)),
                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
     if not args.skip_tests:
@@ -204,10 +198,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if not args.skip_benchmark:
         bargs = ["--device", args.device, "--crop", str(crop), "--batch", str(batch), "--repeats", "3",
                  "--offline-images", "16", "--eval-size", str(2 * crop), "--data-root", data_root]
-        R["benchmark"] = bench.main((["--tiny"] if args.tiny else []) + bargs)
+        R["benchmark"] = benchmark.main((["--tiny"] if args.tiny else []) + bargs)
         R["step_consumes_images_per_second"] = R["benchmark"]["steps"]["ours"]["images_per_second"]
     C = config("fast", "off", crop, batch, nets, data_root)
-    R["loader"] = loader_rates(bench, C, device, args.workers or ([0, 2] if args.tiny else [0, 2, 4, 8]), 4 if args.tiny else 12)
+    R["loader"] = loader_rates(C, device, args.workers or ([0, 2] if args.tiny else [0, 2, 4, 8]), 4 if args.tiny else 12)
     print("\n" + table(R), flush=True)
     if args.json:
         import json

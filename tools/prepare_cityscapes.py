@@ -28,20 +28,21 @@ Re-running skips finished files, and skips the archives when the previous run fi
 from __future__ import annotations
 
 import argparse
+import os.path as osp
 import re
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the sibling module prepare_utils
 
-from furnace.data.cityscapes_labels import CITYSCAPES_CLASS_NAMES, label_ids_to_train_ids
-from furnace.data.prepare_utils import (PartitionChoice, PrepareError, PublishedLists, Source, TaskPool,
-                                        add_common_args, check_counts, partition_choice, resolve_partitions,
-                                        shipped_published,
-                                        check_magic, check_same_sizes, class_histogram, copy_done, decode_png,
-                                        expected_or_none, incomplete_error, png_complete, read_index_png, save_index_png,
-                                        save_manifest, try_skip, write_bytes_atomic, write_lists_and_partitions)
-from furnace.data.splits import PARTITIONS
+from furnace.data.cityscapes_labels import CITYSCAPES_CLASS_NAMES, label_ids_to_train_ids  # noqa: E402
+from furnace.data.splits import PARTITIONS  # noqa: E402
+from prepare_utils import (PartitionChoice, PrepareError, PublishedLists, Source, TaskPool,  # noqa: E402
+                           add_common_args, check_counts, check_magic, check_same_sizes, class_histogram, cli_main,
+                           copy_done, decode_png, expected_or_none, incomplete_error, partition_choice, png_complete,
+                           read_index_png, resolve_partitions, save_index_png, save_manifest, shipped_published,
+                           try_skip, write_bytes_atomic, write_lists_and_partitions)
 
 NUM_CLASSES = len(CITYSCAPES_CLASS_NAMES)
 TRAIN_SIZE, VAL_SIZE = 2975, 500
@@ -196,21 +197,18 @@ def _build(images, labels, out: Path, workers: int, force: bool, check_partition
     return lists, hists
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="leftImg8bit_trainvaltest.zip or its extracted folder")
     parser.add_argument("--labels", required=True, help="gtFine_trainvaltest.zip or its extracted folder")
     add_common_args(parser, "DATA/city", TRAIN_SIZE, VAL_SIZE)
     args = parser.parse_args(argv)
-    try:
-        c = partition_choice(args, "cityscapes")
-        prepare_cityscapes(args.images, args.labels, args.out, partition_dir=c.partition_dir, seed=c.seed,
-                           denominators=args.partitions, expect_train=expected_or_none(args.expect_train),
-                           expect_val=expected_or_none(args.expect_val), workers=args.workers,
-                           force=args.force, partition_source=c.source, protocol=c.protocol)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    c = partition_choice(args, "cityscapes")
+    prepare_cityscapes(args.images, args.labels, args.out, partition_dir=c.partition_dir, seed=c.seed,
+                       denominators=args.partitions, expect_train=expected_or_none(args.expect_train),
+                       expect_val=expected_or_none(args.expect_val), workers=args.workers,
+                       force=args.force, partition_source=c.source, protocol=c.protocol)
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import os.path as osp
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,11 +32,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from furnace.data import CustomDataset, DatasetError, check_dataset
-from furnace.data import custom
-from furnace.data.prepare_utils import (PartitionChoice, PrepareError, add_partition_args, class_histogram,
-                                        resolve_partitions, write_lists_and_partitions)
-from furnace.data.splits import PARTITIONS, partition_paths, read_list
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the sibling module prepare_utils
+
+from furnace.data import CustomDataset, DatasetError, check_dataset  # noqa: E402
+from furnace.data import custom  # noqa: E402
+from furnace.data.splits import PARTITIONS, partition_paths, read_list  # noqa: E402
+from prepare_utils import (PartitionChoice, PrepareError, add_partition_args, class_histogram, cli_main,  # noqa: E402
+                           resolve_partitions, write_lists_and_partitions)
 
 MAX_REPORT = 20
 
@@ -158,6 +161,7 @@ def prepare_custom(root, val_list: Optional[Path] = None, val_fraction: float = 
                                       classes["class_names"], custom.name_of, denominators, choice)
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="the dataset folder (images/, labels/, classes.txt)")
@@ -169,12 +173,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="threads reading files")
     parser.add_argument("--force", action="store_true", help="replace lists of an earlier run that would change")
     args = parser.parse_args(argv)
-    try:
-        prepare_custom(args.root, args.val_list, args.val_fraction, args.seed, args.partitions,
-                       args.partition_source, args.protocol, args.partition_dir, args.workers, args.force)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    prepare_custom(args.root, args.val_list, args.val_fraction, args.seed, args.partitions,
+                   args.partition_source, args.protocol, args.partition_dir, args.workers, args.force)
     return 0
 
 

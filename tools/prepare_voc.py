@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os.path as osp
 import re
 import sys
 from pathlib import Path
@@ -37,15 +38,15 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from furnace.data.prepare_utils import (PartitionChoice, PrepareError, PublishedLists, Source, TaskPool,
-                                        add_common_args, check_counts, partition_choice, resolve_partitions,
-                                        shipped_published,
-                                        check_magic, check_same_sizes, class_histogram, copy_done, decode_png,
-                                        expected_or_none, incomplete_error, png_complete, read_index_png, save_index_png,
-                                        save_manifest, try_skip, write_bytes_atomic, write_lists_and_partitions,
-                                        parse_names)
-from furnace.data import VOC_CLASS_NAMES
-from furnace.data.splits import PARTITIONS
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the sibling module prepare_utils
+
+from furnace.data import VOC_CLASS_NAMES  # noqa: E402
+from furnace.data.splits import PARTITIONS  # noqa: E402
+from prepare_utils import (PartitionChoice, PrepareError, PublishedLists, Source, TaskPool,  # noqa: E402
+                           add_common_args, check_counts, check_magic, check_same_sizes, class_histogram, cli_main,
+                           copy_done, decode_png, expected_or_none, incomplete_error, parse_names, partition_choice,
+                           png_complete, read_index_png, resolve_partitions, save_index_png, save_manifest,
+                           shipped_published, try_skip, write_bytes_atomic, write_lists_and_partitions)
 
 NUM_CLASSES = len(VOC_CLASS_NAMES)
 TRAIN_AUG_SIZE, VAL_SIZE = 10582, 1449
@@ -262,6 +263,7 @@ def _build(voc, sbd, out: Path, workers: int, force: bool, check_partitions=None
     return lists, hists
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--voc", required=True, help="VOCtrainval_11-May-2012.tar or its extracted folder")
@@ -269,15 +271,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="SBD benchmark.tgz, its extracted benchmark_RELEASE folder, or benchmark_RELEASE/dataset")
     add_common_args(parser, "DATA/pascal_voc", TRAIN_AUG_SIZE, VAL_SIZE)
     args = parser.parse_args(argv)
-    try:
-        c = partition_choice(args, "pascal_voc")
-        prepare_voc(args.voc, args.sbd, args.out, partition_dir=c.partition_dir, seed=c.seed,
-                    denominators=args.partitions, expect_train=expected_or_none(args.expect_train),
-                    expect_val=expected_or_none(args.expect_val), workers=args.workers, force=args.force,
-                    partition_source=c.source, protocol=c.protocol)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    c = partition_choice(args, "pascal_voc")
+    prepare_voc(args.voc, args.sbd, args.out, partition_dir=c.partition_dir, seed=c.seed,
+                denominators=args.partitions, expect_train=expected_or_none(args.expect_train),
+                expect_val=expected_or_none(args.expect_val), workers=args.workers, force=args.force,
+                partition_source=c.source, protocol=c.protocol)
     return 0
 
 

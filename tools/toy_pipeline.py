@@ -12,7 +12,6 @@ exceeds three times the larger spread. Interrupt the job at any point and run it
 skipped, an interrupted one resumes. tools/toy_benchmark.py reuses these stages.
 """
 import argparse
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -28,7 +27,7 @@ sys.path.insert(1, osp.dirname(osp.dirname(osp.abspath(__file__))))  # furnace, 
 from easydict import EasyDict  # noqa: E402
 
 import collect_results  # noqa: E402
-from furnace.config import REPO_ROOT, collect_overrides, resolve  # noqa: E402
+from furnace.config import REPO_ROOT, collect_overrides, load_experiment, resolve  # noqa: E402
 
 TOY_CFG = osp.join(REPO_ROOT, "exp.voc", "toy.cfg")
 TOY_TEACHERS_CFG = osp.join(REPO_ROOT, "exp.voc", "toy_teachers.cfg")
@@ -70,11 +69,8 @@ def main_stages(seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS))) -> List[Stag
 
 def load_experiment_config(experiment: str, overrides: Sequence[str], cfg_files: Sequence[str] = (TOY_CFG,)) -> EasyDict:
     """An experiment folder's config.py with the toy overrides applied, as its train.py would see it."""
-    path = osp.join(REPO_ROOT, "exp.voc", experiment, "config.py")
-    spec = importlib.util.spec_from_file_location(f"config_{experiment.replace('.', '_')}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return resolve(module.C, collect_overrides(cfg_files, overrides, environ={}))
+    C = load_experiment(osp.join(REPO_ROOT, "exp.voc", experiment))
+    return resolve(C, collect_overrides(cfg_files, overrides))
 
 
 def teacher_overrides(root: str) -> List[str]:

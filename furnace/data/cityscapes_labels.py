@@ -1,7 +1,9 @@
 """The official Cityscapes label table (cityscapesScripts `labels.py`), reduced to what training needs."""
 import numpy as np
 
-# (name, labelId, trainId, color) for the 19 evaluated classes; every other labelId maps to 255.
+from .transforms import IGNORE_INDEX
+
+# (name, labelId, trainId, color) for the 19 evaluated classes; every other labelId maps to IGNORE_INDEX (255).
 CITYSCAPES_CLASSES = [
     ("road", 7, 0, (128, 64, 128)),
     ("sidewalk", 8, 1, (244, 35, 232)),
@@ -27,7 +29,7 @@ CITYSCAPES_CLASS_NAMES = [c[0] for c in CITYSCAPES_CLASSES]
 CITYSCAPES_PALETTE = np.array([c[3] for c in CITYSCAPES_CLASSES], dtype=np.uint8)
 
 # labelIds run from -1 (license plate) to 33; the PNGs store 0..33. A 256-entry lookup table.
-LABEL_ID_TO_TRAIN_ID = np.full(256, 255, dtype=np.uint8)
+LABEL_ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
 for _name, _label_id, _train_id, _color in CITYSCAPES_CLASSES:
     LABEL_ID_TO_TRAIN_ID[_label_id] = _train_id
 TRAIN_ID_TO_LABEL_ID = np.array([c[1] for c in CITYSCAPES_CLASSES], dtype=np.uint8)

@@ -7,13 +7,14 @@ pure function of the key: exact resume, and identical batches whether 1 or N pro
 import copy
 import operator
 import os
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset
+
+from furnace.config import config_value
 
 from . import custom
 from .cityscapes_labels import LABEL_ID_TO_TRAIN_ID
@@ -259,16 +260,6 @@ def check_dataset(ds: SegmentationDataset, check_labels: bool = True, workers: O
 
 
 # ---- build from config -----------------------------------------------------------------------------
-_REQUIRED = object()
-
-
-def _cfg(C, key: str, default=_REQUIRED):
-    value = C.get(key, default) if isinstance(C, Mapping) else getattr(C, key, default)
-    if value is _REQUIRED:
-        raise KeyError(f"config has no '{key}' (needed by build_dataset)")
-    return value
-
-
 def _resolve_list(data_root: Path, list_file) -> Path:
     """A list path as given if it exists (absolute, or relative to the working directory), else relative
     to data_root."""
@@ -285,17 +276,17 @@ def build_dataset(C, split: str) -> SegmentationDataset:
     Train splits get TrainTransform (flip, scale, normalise, crop), val gets normalisation only."""
     if split not in MODES:
         raise ValueError(f"build_dataset split must be one of {MODES}, got {split!r}")
-    kind = str(_cfg(C, "dataset")).lower()
-    root = Path(_cfg(C, "data_root"))
-    list_file = _resolve_list(root, _cfg(C, {"labeled": "labeled_list", "unlabeled": "unlabeled_list",
-                                             "val": "val_list"}[split]))
-    mean = tuple(_cfg(C, "image_mean", None) or IMAGENET_MEAN)
-    std = tuple(_cfg(C, "image_std", None) or IMAGENET_STD)
+    kind = str(config_value(C, "dataset")).lower()
+    root = Path(config_value(C, "data_root"))
+    list_key = {"labeled": "labeled_list", "unlabeled": "unlabeled_list", "val": "val_list"}[split]
+    list_file = _resolve_list(root, config_value(C, list_key))
+    mean = tuple(config_value(C, "image_mean", IMAGENET_MEAN))
+    std = tuple(config_value(C, "image_std", IMAGENET_STD))
     if split == "val":
         transform = ValTransform(mean, std)
     else:
-        transform = TrainTransform(_cfg(C, "crop_size"), _cfg(C, "train_scales", None) or (1.0,), mean, std)
-    num_classes = int(_cfg(C, "num_classes"))
+        transform = TrainTransform(config_value(C, "crop_size"), config_value(C, "train_scales", (1.0,)), mean, std)
+    num_classes = int(config_value(C, "num_classes"))
     if kind in ("voc", "pascal_voc"):
         return VOCDataset(root, list_file, split, num_classes, transform)
     if kind in ("cityscapes", "city"):

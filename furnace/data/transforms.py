@@ -2,15 +2,17 @@
 
 Every random choice is drawn from the numpy Generator passed in, so a sample's augmentation is a pure
 function of the dataset's rng key (exact resume, same batches with 1 or N processes)."""
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import cv2
 import numpy as np
 import torch
 
+from furnace.config import crop_hw
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the label value of pixels without a class (borders, padding); the one definition
 
 
 def normalize(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
@@ -59,22 +61,13 @@ def to_tensors(image: np.ndarray, label: Optional[np.ndarray]):
     return img, lbl
 
 
-def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2:
-        raise ValueError(f"crop_size must be an int or (h, w), got {size}")
-    return size
-
-
 class TrainTransform:
     """Random h-flip (p=0.5) -> random scale from `scales` -> normalise -> random crop to `crop_size`,
     padding the image with 0 (i.e. the mean colour, after normalising) and the label with 255."""
 
     def __init__(self, crop_size: Union[int, Sequence[int]], scales: Sequence[float] = (1.0,),
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, flip: bool = True):
-        self.crop_h, self.crop_w = _pair(crop_size)
+        self.crop_h, self.crop_w = crop_hw(crop_size)
         if self.crop_h < 1 or self.crop_w < 1:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         self.scales = [float(s) for s in scales] or [1.0]

@@ -1,7 +1,7 @@
 """DeepLabv3+ segmentor (ASPP + decoder + classifier) as used by MGD's teachers and students."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +9,7 @@ from torch import nn
 
 from .weights import create_backbone
 
-__all__ = ["ASPP", "Decoder", "DeepLabV3Plus", "SEGMENTOR_PRESETS", "build_segmentor"]
+__all__ = ["ASPP", "Decoder", "DeepLabV3Plus", "NETWORKS", "SEGMENTOR_PRESETS", "build_segmentor"]
 
 
 class ASPP(nn.Module):
@@ -106,6 +106,8 @@ SEGMENTOR_PRESETS: Dict[str, dict] = {
     "wide_resnet50_2": dict(backbone="wide_resnet50_2"),                         # wide teacher T_W
     "resnet50": dict(backbone="resnet50", deep_stem=True, stem_width=64),
 }
+# The network names a config may give (network, teacher_*_network): the one list, checked by furnace/settings.py.
+NETWORKS: Tuple[str, ...] = tuple(SEGMENTOR_PRESETS)
 
 
 def build_segmentor(network: str, num_classes: int, pretrained: Optional[str] = None,

@@ -1,4 +1,5 @@
-"""Shared machinery of tools/prepare_voc.py and tools/prepare_cityscapes.py.
+"""Shared machinery of tools/prepare_voc.py, prepare_cityscapes.py and prepare_custom.py (a tools/ module, not
+part of the furnace library: no training run needs it).
 
 The dataset tools only decide *which* archive member goes *where*; this module does the rest:
 
@@ -10,18 +11,21 @@ The dataset tools only decide *which* archive member goes *where*; this module d
 - a manifest (`.prepared.json` in the output folder) recording every output file with its size and the
   per-image class histograms; a re-run whose manifest still matches the disk skips the archives entirely.
 - `TaskPool`: label decoding/encoding in a few threads while the main thread streams the archive.
-- partitions: the published lists shipped in published_splits/ when the training list is the published one,
-  seeded ones otherwise or on request, or a user's folder of published lists (one protocol of several by
-  name); their class-frequency balance, and the count check.
+- partitions: the published lists shipped in furnace/data/published_splits/ when the training list is the
+  published one, seeded ones otherwise or on request, or a user's folder of published lists (one protocol of
+  several by name); their class-frequency balance, and the count check.
+- `cli_main`: a preparer's main, with a PrepareError reported as a message and exit status 1.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import lzma
 import os
 import re
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -35,6 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import furnace.data
 from furnace.data.splits import PARTITIONS, partition, partition_paths, read_list, write_list
 
 MANIFEST_NAME = ".prepared.json"
@@ -512,8 +517,9 @@ class Partition:
 
 
 # The published partition lists shipped with the project (see published_splits/SOURCE.md), per dataset:
-# the folder and the name of the published training list that decides whether they apply.
-PUBLISHED_ROOT = Path(__file__).resolve().parent / "published_splits"
+# the folder and the name of the published training list that decides whether they apply. They stay package
+# data of furnace.data (pyproject.toml), beside splits.py, so an installed furnace still carries them.
+PUBLISHED_ROOT = Path(furnace.data.__file__).resolve().parent / "published_splits"
 DEFAULT_PROTOCOL = "train_aug"  # the protocol every later paper compares on (the pseudoseg_* lists are another)
 SOURCES = ("auto", "published", "seeded")
 
@@ -822,6 +828,19 @@ def write_lists_and_partitions(list_dir: Path, lists: Mapping[str, Sequence[str]
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def cli_main(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a preparer's `main(argv)`: a PrepareError becomes 'error: ...' on stderr and exit status 1,
+    since it is the user's data that is wrong and a traceback would only hide the message."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except PrepareError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return wrapped
+
+
 def add_partition_args(parser: argparse.ArgumentParser) -> None:
     """The options that choose the partitions (PartitionChoice), shared by every preparer."""
     parser.add_argument("--partition-source", choices=SOURCES, default="auto",
