@@ -228,7 +228,7 @@ def gradient_check_train_bn(student: nn.Module, networks: Dict[str, nn.Module], 
     size). Both call the networks separately in the published order, so the student's gradients and its
     BatchNorm running statistics after the step agree. Relative differences: max |a - b| / max |a|."""
     C = EasyDict(dict(C, amp="off", gpu_batch=batch["x_l"].shape[0]))
-    grads, buffers, losses = {}, {}, {}
+    grads, buffers = {}, {}
     for kind in ("published_setting", "published"):
         net = copy.deepcopy(student).float().train()
         Schedule(kind, kind, C, net, make_teachers(kind, C, networks, {}), device, optimize=False).step(batch)
