@@ -26,6 +26,7 @@ from furnace.flops import count_flops  # noqa: E402
 from furnace.losses import content_aware_loss  # noqa: E402
 from furnace.methods.mgd import mgd_step  # noqa: E402
 from furnace.models import build_segmentor  # noqa: E402
+from furnace.quantize import int8_supported  # noqa: E402
 from furnace.teachers import FrozenTeacher  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -62,14 +63,17 @@ def hand_batch(n_l: int, n_u: int, side: int, classes: int, seed: int = 1) -> di
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """One --tiny run (the CI configuration) on a 24-image toy set: (returned result, saved JSON)."""
+    """One --tiny run (the CI configuration) on a 24-image toy set: (returned result, saved JSON, printed text).
+    int8 teachers forced where the CPU has the kernels (random teachers seldom pass the agreement test): the
+    fast setting's teachers only."""
     out = tmp_path_factory.mktemp("bench")
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_toy_data.py"), "--out", str(out), "--num-train", "24",
                     "--num-val", "2", "--num-city-train", "2", "--num-city-val", "2"], check=True,
                    stdout=subprocess.DEVNULL)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        result = benchmark.main(["--tiny", "--data-root", str(out / "pascal_voc"), "--json", str(out / "b.json")])
+        result = benchmark.main(["--tiny", "--data-root", str(out / "pascal_voc"), "--json", str(out / "b.json")]
+                                + (["--teacher-precision", "int8"] if int8_supported(CPU) else []))
     print(printed.getvalue())
     return result, json.loads((out / "b.json").read_text()), printed.getvalue()
 
@@ -105,6 +109,9 @@ def test_tiny_keys_and_values(tiny):
     for name in ("published", "published_setting"):
         st = saved["steps"][name]
         assert (st["teacher_bn"], st["teacher_labels"], st["precision"]) == ("train", "online", "fp32")
+        assert st["teacher_precision"] == {"deep": "fp32", "wide": "fp32"}  # train-mode BN: no int8
+    if int8_supported(CPU):
+        assert fast["teacher_precision"] == {"deep": "int8", "wide": "int8"}
     assert saved["peak_matmul"]["fp32"]["gflops"] > 0 and saved["utilization"] > 0
     assert "speedup_vs_published" in printed and "| published_setting |" in printed
 

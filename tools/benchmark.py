@@ -46,20 +46,20 @@ import torch.nn as nn
 from easydict import EasyDict
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # tools/ (for published_step, when run as a script)
-from published_step import published_mgd_step  # noqa: E402
+from furnace import teacher_labels
+from furnace.amp import amp_reason, autocast, resolve_amp
+from furnace.checkpoint import load_segmentor
+from furnace.config import new_config, resolve
+from furnace.data import VOC_CLASS_NAMES
+from furnace.distributed import DistInfo
+from furnace.engine import build_datasets, param_groups
+from furnace.methods.mgd import mgd_step, offline_labels
+from furnace.models import build_segmentor
+from furnace.sampling import LABELED, UNLABELED_0, UNLABELED_1, cutmix_masks, stream_loader, training_batch
+from furnace.teachers import ROLES, FrozenTeacher, int8_choice, use_int8
 
-from furnace import teacher_labels  # noqa: E402
-from furnace.amp import amp_reason, autocast, resolve_amp  # noqa: E402
-from furnace.checkpoint import load_segmentor  # noqa: E402
-from furnace.config import new_config, resolve  # noqa: E402
-from furnace.data import VOC_CLASS_NAMES  # noqa: E402
-from furnace.distributed import DistInfo  # noqa: E402
-from furnace.engine import build_datasets, param_groups  # noqa: E402
-from furnace.methods.mgd import mgd_step, offline_labels  # noqa: E402
-from furnace.models import build_segmentor  # noqa: E402
-from furnace.sampling import LABELED, UNLABELED_0, UNLABELED_1, cutmix_masks, stream_loader, training_batch  # noqa: E402
-from furnace.teachers import ROLES, FrozenTeacher, int8_choice, use_int8  # noqa: E402
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # tools/, when this file is not run as a script
+from published_step import published_mgd_step  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 KINDS = ("published", "published_setting", "fast")
@@ -192,15 +192,17 @@ class Schedule:
 
 def make_teachers(kind: str, C: EasyDict, networks: Dict[str, nn.Module], int8: dict) -> dict:
     """The teachers of a schedule, each its own copy: plain train-mode networks (published), train-mode
-    FrozenTeachers (published setting: nothing to fold), eval-mode BN-folded / int8 FrozenTeachers (fast)."""
+    FrozenTeachers (published setting: nothing to fold, no int8), eval-mode BN-folded FrozenTeachers, int8
+    where `int8` holds a copy (fast)."""
     train = kind != "fast"
     nets = {r: copy.deepcopy(n).train(train) for r, n in networks.items()}
     if kind == "published":
         return nets
-    return {r: FrozenTeacher(n, C.amp, C.channels_last, int8=int8.get(r)) for r, n in nets.items()}
+    return {r: FrozenTeacher(n, C.amp, C.channels_last, int8=int8.get(r) if kind == "fast" else None)
+            for r, n in nets.items()}
 
 
-def count_flops(kind: str, C: EasyDict, nets: Dict[str, str], n: int, crop: int) -> Dict[str, int]:
+def step_flops(kind: str, C: EasyDict, nets: Dict[str, str], n: int, crop: int) -> Dict[str, int]:
     """FLOPs of one step of a schedule, per phase (teacher, student_forward, backward) and 'step' in all, on
     'meta' tensors: the schedule's own step code, shapes only."""
     meta = torch.device("meta")
@@ -291,6 +293,28 @@ def make_config(args, data_root: str, setting: str, amp: str) -> EasyDict:
 
 
 # --------------------------------------------------------------------------------------------- the run
+def build_networks(args, num_classes: int, device: torch.device):
+    """The random-init student and the two teachers (from --deep/--wide-checkpoint, or random init), eval mode."""
+    torch.manual_seed(0)
+    student = build_segmentor(args.student, num_classes).to(device)
+    networks = {}
+    for role in ROLES:
+        path, network = getattr(args, f"{role}_checkpoint"), getattr(args, role)
+        net = (load_segmentor(path, network, num_classes, role=f"teacher_{role}") if path
+               else build_segmentor(network, num_classes))
+        networks[role] = net.requires_grad_(False).eval().to(device)
+    return student, networks
+
+
+def logger() -> logging.Logger:
+    """Where furnace.teachers.int8_choice reports each int8 copy's agreement: stdout."""
+    log = logging.getLogger("mgd.benchmark")
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stdout))
+        log.setLevel(logging.INFO)
+    return log
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CI size: crop 32, mobilenet_v2 / resnet18 nets, 1 repeat")
@@ -348,7 +372,9 @@ def main(argv=None) -> dict:
     R: dict = dict(config=dict(device=str(device), crop=args.crop, batch_labeled=args.batch,
                                batch_unlabeled=args.batch, networks=nets, warmup=args.warmup, repeats=args.repeats,
                                num_workers=args.num_workers, tiny=args.tiny,
-                               amp_auto=dict(amp=amp_auto, reason=amp_reason(device))), env=env)
+                               amp_auto=dict(amp=amp_auto, reason=amp_reason(device)),
+                               teacher_weights={r: getattr(args, f"{r}_checkpoint") or "random init" for r in ROLES}),
+                   env=env)
     print(f"# MGD step benchmark on {env['gpu'] or 'CPU'} ({env['cpu_count']} cores, {env['cpu_capability']}, "
           f"{env['threads']} threads), torch {env['torch']}; load {env['loadavg_start']}; amp='auto' here: "
           f"{amp_auto} ({amp_reason(device)})", flush=True)
@@ -363,26 +389,14 @@ def main(argv=None) -> dict:
     datasets = build_datasets(C_fast, unlabeled=True)
     for ds in datasets.values():
         ds.names = ds.names[:args.offline_images]
-    torch.manual_seed(0)
-    student = build_segmentor(args.student, C_fast.num_classes).to(device)
-    networks = {}
-    for role in ROLES:
-        path = getattr(args, f"{role}_checkpoint")
-        net = load_segmentor(path, nets[role], C_fast.num_classes, role=f"teacher_{role}") if path \
-            else build_segmentor(nets[role], C_fast.num_classes)
-        networks[role] = net.requires_grad_(False).eval().to(device)
-    R["config"]["teacher_weights"] = {r: getattr(args, f"{r}_checkpoint") or "random init" for r in ROLES}
-    log = logging.getLogger("mgd.benchmark")
-    if not log.handlers:
-        log.addHandler(logging.StreamHandler(sys.stdout))
-        log.setLevel(logging.INFO)
-    int8 = int8_choice(networks, C_fast, datasets, log) if use_int8(C_fast, device) else {}
+    student, networks = build_networks(args, C_fast.num_classes, device)
+    int8 = int8_choice(networks, C_fast, datasets, logger()) if use_int8(C_fast, device) else {}
 
     # -- schedules; the fast setting's offline labels, made once (every stream then carries them)
     schedules = [Schedule(kind if amp == "off" else f"{kind}_amp", kind, configs[kind, amp],
                           copy.deepcopy(student), make_teachers(kind, configs[kind, amp], networks, int8), device)
                  for amp in amps for kind in KINDS]
-    fast = schedules[2]
+    fast = next(s for s in schedules if s.name == "fast")
     C_labels = EasyDict(dict(C_fast, teacher_label_dir=tempfile.mkdtemp(prefix="mgd_bench_teacher_labels_")))
     t0 = time.perf_counter()
     root = teacher_labels.precompute({r: t.teacher for r, t in fast.teachers.items()}, datasets, C_labels,
@@ -411,7 +425,7 @@ def main(argv=None) -> dict:
     R["peak_matmul"] = {("fp32" if a == "off" else a): v for a, v in peak.items()}
 
     # -- FLOPs, summaries, ratios
-    flops = {kind: count_flops(kind, C_fast if kind == "fast" else configs[kind, "off"], nets, args.batch, args.crop)
+    flops = {kind: step_flops(kind, C_fast if kind == "fast" else configs[kind, "off"], nets, args.batch, args.crop)
              for kind in KINDS}
     R["flops_per_step"] = {s.name: flops[s.kind]["step"] for s in schedules}
     R["flops_by_phase"] = flops
