@@ -9,8 +9,8 @@ mixed image u_m, and only when the image-level or region-level term needs them.
 
 What changes against online teachers: a pseudo-label is the teacher's view of the whole image at scale 1,
 resized with the crop, instead of its view of the augmented crop itself; crop padding gets no pseudo-label
-(255, ignored) where an online teacher labels the padding too. tools/benchmark.py measures how often the two
-agree and the speed-up; README has the toy-set mIoU of both.
+(255, ignored) where an online teacher labels the padding too. tools/benchmark.py times the fast setting that
+uses them; README has how often the two agreed (an earlier benchmark) and the toy-set mIoU of both.
 
 Layout: DIR/manifest.json (the teachers and inference settings the maps were made with) and
 DIR/<role>/<image name>.png. A run that finds maps made by other teachers or settings stops with an error

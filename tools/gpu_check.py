@@ -7,7 +7,7 @@
      seconds (after one warm-up step), peak memory;
   3. tools/benchmark.py at that size: the published schedule, the published setting and the fast setting;
   4. the data loader alone per worker count against what the step consumes;
-  5. sliding-window evaluation speed (from the benchmark);
+  5. sliding-window evaluation speed, windows batched and one per call;
 and prints one table of all of it. Networks are random-init (speed and finiteness do not depend on weights).
 
   python tools/gpu_check.py                       # what gpu_check.sh runs
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import os.path as osp
 import subprocess
 import sys
@@ -31,8 +30,12 @@ from easydict import EasyDict
 from furnace.config import new_config, resolve
 from furnace.data import VOC_CLASS_NAMES
 from furnace.engine import build_datasets
-from furnace.methods import CPSPair, cps_step, mgd_step, supervised_step
+from furnace.evaluate import sliding_probs
+from furnace.methods.cps import CPSPair, cps_step
+from furnace.methods.mgd import mgd_step, offline_labels
+from furnace.methods.supervised import supervised_step
 from furnace.models import build_segmentor
+from furnace.teachers import ROLES, FrozenTeacher
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the sibling tool benchmark
 import benchmark  # noqa: E402
@@ -61,9 +64,9 @@ def method_step(method: str, setting: str, amp: str, crop: int, batch: int, nets
                 u1=torch.randn(batch, 3, crop, crop, generator=g),
                 y_l=torch.randint(0, C.num_classes, (batch, crop, crop), generator=g),
                 mask=(torch.rand(batch, 1, crop, crop, generator=g) > 0.5).float())
-    for role in ("deep", "wide"):  # offline pseudo-labels (fast setting)
+    for role in ROLES:  # offline pseudo-labels (fast setting)
         for view in ("l", "u0", "u1"):
-            data[f"{role}_{view}"] = torch.randint(0, C.num_classes, (batch, crop, crop), generator=g)
+            data[f"teacher_{role}_{view}"] = torch.randint(0, C.num_classes, (batch, crop, crop), generator=g)
     data = {k: v.to(device) for k, v in data.items()}
     torch.manual_seed(0)
     teachers = None
@@ -73,8 +76,9 @@ def method_step(method: str, setting: str, amp: str, crop: int, batch: int, nets
         model = build_segmentor(nets["student"], C.num_classes)
     model = model.to(device).train()
     if method == "mgd":
-        teachers = {r: build_segmentor(nets[r], C.num_classes).requires_grad_(False).to(device)
-                    .train(C.teacher_bn == "train") for r in ("deep", "wide")}
+        teachers = {r: FrozenTeacher(build_segmentor(nets[r], C.num_classes).requires_grad_(False).to(device)
+                                     .train(C.teacher_bn == "train"), C.amp, C.channels_last) for r in ROLES}
+        labels = offline_labels(data) if C.teacher_labels == "offline" else None
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
@@ -85,7 +89,7 @@ def method_step(method: str, setting: str, amp: str, crop: int, batch: int, nets
         elif method == "cps":
             loss, terms = cps_step(model, data, C, device)
         else:
-            loss, terms = mgd_step(model, teachers, data, C, device)
+            loss, terms = mgd_step(model, teachers, data, labels, C, device)
         scaler.scale(loss).backward()
         grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
         scaler.step(optimizer)
@@ -118,11 +122,47 @@ def cuda_tests() -> dict:
                 seconds=time.perf_counter() - t0)
 
 
+def loader_throughput(C: EasyDict, datasets: dict, device: torch.device, batches: int) -> dict:
+    """The trainer's three streams alone (benchmark.Streams): images/s after the first batch (worker start-up
+    is reported apart)."""
+    t0 = time.perf_counter()
+    streams = benchmark.Streams(C, datasets, device, batches, epoch=1)
+    streams.next()
+    startup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(batches - 1):
+        streams.next()
+    seconds = time.perf_counter() - t0
+    return dict(num_workers=C.num_workers, batches=batches - 1, startup_seconds=startup,
+                images_per_second=3 * C.batch_size * (batches - 1) / seconds)
+
+
 def loader_rates(C: EasyDict, device: torch.device, workers: List[int], batches: int) -> Dict[int, dict]:
-    datasets = build_datasets(C)
+    datasets = build_datasets(C, unlabeled=True)
+    return {w: loader_throughput(EasyDict(dict(C, num_workers=w)), datasets, device, batches) for w in workers}
+
+
+def eval_speed(network: str, num_classes: int, device: torch.device, size: int, crop: int, repeats: int = 3) -> dict:
+    """furnace.evaluate.sliding_probs on one size x size image: images/s with the windows batched (the
+    default) and one window per call; whether the probabilities stay on the device until the argmax."""
+    torch.manual_seed(0)
+    net = build_segmentor(network, num_classes).eval().to(device)
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
-    for w in workers:
-        out[w] = benchmark.loader_throughput(EasyDict(dict(C, num_workers=w)), datasets, device, batches)
+    for name, max_batch in (("batched", 8), ("one_window_per_call", 1)):
+        sliding_probs(net, image, crop, max_batch=max_batch)  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            sliding_probs(net, image, crop, max_batch=max_batch)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_images_per_second"] = 1.0 / sorted(times)[len(times) // 2]
+    probs = sliding_probs(net, image, crop)
+    stride = -(-crop * 2 // 3)
+    per_side = -(-max(size - crop, 0) // stride) + 1
+    out.update(image_size=size, crop=crop, windows=per_side ** 2, probs_on_device=probs.device == image.device)
     return out
 
 
@@ -141,18 +181,16 @@ def table(R: dict) -> str:
                      f"{'finite' if s['finite'] else 'NOT FINITE'}, loss {s['loss']:.3f} | {s['seconds']:.2f} | {mem} |")
     B = R.get("benchmark")
     if B:
-        for name in ("published", "published_setting", "published_setting_amp", "ours", "ours_fp32"):
-            if name in B["steps"]:
-                st = B["steps"][name]
-                mem = f"{st['peak_memory_mb']:.0f}" if st["peak_memory_mb"] is not None else "-"
-                prec = "fp32" if st["precision"] == "off" else st["precision"]
-                lines.append(f"| benchmark {name} | {prec}, teachers BN {st['teacher_bn']}, {st['teacher_labels']} | "
-                             f"{st['images_per_second']:.1f} images/s, {st['utilization_by_phase']['step']:.0%} of "
-                             f"peak | {st['seconds']['step']:.3f} | {mem} |")
+        for name, st in B["steps"].items():
+            mem = f"{st['peak_memory_mb']:.0f}" if st["peak_memory_mb"] is not None else "-"
+            lines.append(f"| benchmark {name} | {st['precision']}, teachers BN {st['teacher_bn']}, "
+                         f"{st['teacher_labels']} | {st['images_per_second']:.1f} images/s, "
+                         f"{st['utilization']['step']:.0%} of peak | {st['seconds']['step']:.3f} | {mem} |")
         lines.append(f"| benchmark ratios | - | published / published setting {B['speedup_published_setting']:.2f}x, "
                      f"published / fast {B['speedup_vs_published']:.2f}x; grad_max_rel_diff_train_bn "
                      f"{B['grad_max_rel_diff_train_bn']:.1e} | - | - |")
-        E = B["eval"]
+    E = R.get("eval")
+    if E:
         lines.append(f"| sliding-window eval | {E['image_size']}^2 image, crop {E['crop']}, {E['windows']} windows | "
                      f"{E['batched_images_per_second']:.2f} images/s batched, "
                      f"{E['one_window_per_call_images_per_second']:.2f} one window per call | - | - |")
@@ -197,11 +235,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
                   flush=True)
     if not args.skip_benchmark:
         bargs = ["--device", args.device, "--crop", str(crop), "--batch", str(batch), "--repeats", "3",
-                 "--offline-images", "16", "--eval-size", str(2 * crop), "--data-root", data_root]
+                 "--offline-images", "16", "--data-root", data_root]
         R["benchmark"] = benchmark.main((["--tiny"] if args.tiny else []) + bargs)
-        R["step_consumes_images_per_second"] = R["benchmark"]["steps"]["ours"]["images_per_second"]
+        steps = R["benchmark"]["steps"]
+        R["step_consumes_images_per_second"] = steps.get("fast_amp", steps["fast"])["images_per_second"]
     C = config("fast", "off", crop, batch, nets, data_root)
     R["loader"] = loader_rates(C, device, args.workers or ([0, 2] if args.tiny else [0, 2, 4, 8]), 4 if args.tiny else 12)
+    R["eval"] = eval_speed(nets["student"], C.num_classes, device, 2 * crop, crop)
     print("\n" + table(R), flush=True)
     if args.json:
         import json
