@@ -7,7 +7,7 @@ are loaded (`load_teachers`), and never revisited:
     y = BN(conv(x)) with fixed statistics is an affine map per channel, W' = W g / sqrt(v + eps),
     b' = (b - m) g / sqrt(v + eps) + beta, so the folded copy gives the same logits up to rounding and skips
     one read and write of every activation per BatchNorm. On CPU it runs channels_last (NHWC, oneDNN's native
-    layout: no reorder around each convolution). tools/benchmark.py measures what each choice gains.
+    layout: no reorder around each convolution). tools/benchmark.py's fast-setting row includes both gains.
   - with teacher_bn='train' (the published code: batch statistics) the network runs as it is.
 """
 import copy
@@ -33,7 +33,7 @@ from furnace.sampling import CALIBRATION, fixed_crops
 ROLES = ("deep", "wide")
 FOLD_CHECK_SIZE = 64  # side of the one small input on which a folded copy is checked against the teacher
 # Device types on which the folded copy runs NHWC even when the config did not ask for channels_last (CPU:
-# measured faster by tools/benchmark.py; CUDA keeps C.channels_last).
+# oneDNN's native layout, measured faster when this was chosen, README "Performance"; CUDA keeps C.channels_last).
 INFERENCE_NHWC = {"cpu"}
 
 
