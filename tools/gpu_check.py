@@ -94,7 +94,7 @@ def method_step(method: str, setting: str, amp: str, crop: int, batch: int, nets
         grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
         scaler.step(optimizer)
         scaler.update()
-        return float(loss), grads_finite or scaler.is_enabled()  # fp16: the scaler skips non-finite steps
+        return float(loss.detach()), grads_finite or scaler.is_enabled()  # fp16: the scaler skips non-finite steps
 
     step()
     if device.type == "cuda":
