@@ -15,6 +15,7 @@ main job.
 """
 import argparse
 import json
+import os
 import os.path as osp
 import statistics
 import sys
@@ -124,6 +125,7 @@ def main(argv=None) -> None:
     print("\n" + table)
     with open(osp.join(args.out, "benchmark.md"), "w") as f:
         f.write(table + "\n")
+    os.makedirs(args.img, exist_ok=True)
     with open(osp.join(args.img, "toy_benchmark.json"), "w") as f:
         json.dump({"seeds": seeds, "teachers": note or "trained per seed", "rows": rows}, f, indent=1)
 
