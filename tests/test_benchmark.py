@@ -24,23 +24,11 @@ from furnace.models import build_segmentor
 from furnace.quantize import int8_supported
 from furnace.teachers import FrozenTeacher
 from published_step import published_mgd_step
+from trainkit import random_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CPU = torch.device("cpu")
-
-
-def random_bn(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters."""
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-    return net
 
 
 def config(setting: str, num_classes: int, **values) -> EasyDict:

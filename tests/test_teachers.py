@@ -5,19 +5,7 @@ import torch
 
 from furnace.models import build_segmentor
 from furnace.teachers import FrozenTeacher, fold_batchnorm
-
-
-def random_bn(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters, so that folding them changes the weights."""
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
-    return net
+from trainkit import random_bn
 
 
 def close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-4) -> bool:

@@ -26,7 +26,10 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -40,6 +43,20 @@ NUM_CLASSES = len(TOY_CLASSES)
 def load_tool(name: str) -> ModuleType:
     """The tool tools/<name>.py as a module (tests/conftest.py puts tools/ on sys.path)."""
     return importlib.import_module(name)
+
+
+def random_bn(net: "torch.nn.Module", seed: int = 0) -> "torch.nn.Module":
+    """Non-trivial BatchNorm statistics and affine parameters, so that folding them changes the weights."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    return net
 
 
 def make_toy_data(out: Path, num_train: int = 24, num_val: int = 5) -> Path:
