@@ -39,13 +39,9 @@ from furnace.teachers import ROLES, FrozenTeacher
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # the sibling tool benchmark
 import benchmark  # noqa: E402
+from benchmark import sync  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def config(setting: str, amp: str, crop: int, batch: int, nets: Dict[str, str], data_root: str) -> EasyDict:
