@@ -224,13 +224,17 @@ def keeps_int8(C: EasyDict, agreement: float) -> bool:
 
 
 def int8_choice(networks: Dict[str, nn.Module], C: EasyDict, datasets: Dict[str, Dataset],
-                log: logging.Logger) -> Dict[str, Int8Teacher]:
-    """The int8 copy of each teacher that passes keeps_int8 (teachers without one stay fp32), logged."""
+                log: logging.Logger, report: Optional[dict] = None) -> Dict[str, Int8Teacher]:
+    """The int8 copy of each teacher that passes keeps_int8 (teachers without one stay fp32), logged; `report`,
+    if given, receives per role the check's agreement, its seconds and whether the copy was kept."""
     out = {}
     for role, (int8, agreement, seconds) in int8_copies(networks, C, datasets).items():
         keep = keeps_int8(C, agreement)
         if keep:
             out[role] = int8
+        if report is not None:
+            report[role] = dict(check_agreement=agreement, quantize_and_check_seconds=seconds, kept=keep,
+                                check_images=C.teacher_check_images)
         log.info(f"teacher_{role}: int8 copy agrees with fp32 on {agreement:.4f} of the valid pixels of "
                  f"{C.teacher_check_images} labeled crops (teacher_int8_min_agreement={C.teacher_int8_min_agreement}, "
                  f"teacher_precision={C.teacher_precision!r}) -> {'int8' if keep else 'fp32'} teacher "

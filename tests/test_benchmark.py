@@ -75,12 +75,17 @@ def finite_numbers(x) -> bool:
 def test_tiny_keys_and_values(tiny):
     result, saved, printed = tiny
     for key in ("speedup_published_setting", "grad_max_rel_diff_train_bn", "speedup_vs_published",
-                "flops_per_step", "steps", "utilization", "peak_matmul", "config", "env", "total_seconds"):
+                "flops_per_step", "steps", "utilization", "peak_matmul", "config", "env", "total_seconds",
+                # the keys of the benchmark's earlier versions
+                "speedup_same_precision", "speedup_online_vs_published", "grad_max_rel_diff", "gradient_check",
+                "utilization_published", "flops_teachers_per_step", "flops_teachers_per_step_offline",
+                "int8_teachers", "ours_teacher_precision", "ours_choice", "offline_teachers", "teacher_inference",
+                "teacher_majority_class_share", "student_memory_format", "loader", "eval"):
         assert key in saved, key
         assert finite_numbers(saved[key]), key
     assert saved["grad_max_rel_diff_train_bn"] == result["grad_max_rel_diff_train_bn"]
     amp = saved["config"]["amp_auto"]["amp"]
-    names = {"published", "published_setting", "fast"}
+    names = {"published", "published_setting", "fast", "fast_online"}
     assert set(saved["steps"]) == names | ({f"{n}_amp" for n in names} if amp != "off" else set())
     for name, st in saved["steps"].items():
         sec = st["seconds"]
@@ -98,6 +103,22 @@ def test_tiny_keys_and_values(tiny):
         assert st["teacher_precision"] == {"deep": "fp32", "wide": "fp32"}  # train-mode BN: no int8
     if int8_supported(CPU):
         assert fast["teacher_precision"] == {"deep": "int8", "wide": "int8"}
+    t = {name: st["seconds"]["step"] for name, st in saved["steps"].items()}
+    assert saved["speedup_same_precision"] == pytest.approx(t["published"] / t["fast"])
+    online = "fast_online_amp" if amp != "off" else "fast_online"
+    assert saved["speedup_online_vs_published"] == pytest.approx(t["published"] / t[online])
+    assert saved["steps"]["fast_online"]["teacher_labels"] == "online"
+    assert saved["utilization_published"] == saved["steps"]["published"]["utilization"]["step"]
+    assert saved["flops_teachers_per_step"] == saved["flops_by_phase"]["fast_online"]["teacher"]
+    assert saved["flops_teachers_per_step_offline"] == saved["flops_by_phase"]["fast"]["teacher"]
+    assert saved["offline_teachers"]["speedup_vs_online"] == pytest.approx(t["fast_online"] / t["fast"])
+    assert saved["ours_teacher_precision"]["precision"] == fast["teacher_precision"]
+    for role, forms in saved["teacher_inference"].items():
+        assert forms["eval_fp32"]["argmax_agreement"] == 1.0 and forms["eval_folded_fp32"]["argmax_agreement"] > 0.99
+        assert all(v["seconds_per_image"] > 0 for v in forms.values())
+        assert ("int8" in forms) == saved["int8_teachers"].get(role, {}).get("kept", False)
+    assert 0 < min(saved["teacher_majority_class_share"].values()) <= 1
+    assert saved["loader"]["images_per_second"] > 0 and saved["eval"]["batched_images_per_second"] > 0
     assert saved["peak_matmul"]["fp32"]["gflops"] > 0 and saved["utilization"] > 0
     assert "speedup_vs_published" in printed and "| published_setting |" in printed
 
@@ -130,8 +151,10 @@ def test_tiny_flop_accounting(tiny):
     losses = counter.get_total_flops()
     by_phase = saved["flops_by_phase"]
     pub, setting, fast = by_phase["published"], by_phase["published_setting"], by_phase["fast"]
+    online = by_phase["fast_online"]
     assert setting == pub  # the published setting makes every network call of the published schedule
     assert pub["teacher"] == 4 * teacher and fast["teacher"] == teacher > 0
+    assert online["teacher"] == 4 * teacher and online["student_forward"] == fast["student_forward"]
     assert fast["student_forward"] == 2 * student + losses and losses > 0
     assert pub["student_forward"] == 4 * student + losses
     assert pub["backward"] == fast["backward"] > 0
@@ -168,15 +191,8 @@ def test_published_step_same_gradient_as_fast_online_in_eval_bn():
     student = build_segmentor("mobilenet_v2", 5).eval()
     networks = {r: random_bn(build_segmentor("resnet18", 5), i).eval().requires_grad_(False)
                 for i, r in enumerate(("deep", "wide"))}
-    frozen = {r: FrozenTeacher(n, fold_bn=False) for r, n in networks.items()}
-    batch = hand_batch(2, 3, 40, 5)
-    grads = []
-    for step in (lambda: mgd_step(student, frozen, batch, None, C, CPU),
-                 lambda: published_mgd_step(student, networks, batch, C)):
-        student.zero_grad()
-        step()[0].backward()
-        grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
-    assert (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[0].abs().max()
+    check = benchmark.gradient_check_eval_bn(student, networks, hand_batch(2, 3, 40, 5), C, CPU)
+    assert check["grad_max_abs"] > 0 and check["grad_max_rel_diff"] <= 1e-5
 
 
 def test_student_bn_calls_off_same_gradients_other_running_statistics():

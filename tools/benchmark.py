@@ -13,14 +13,19 @@ Schedules (random-init networks unless teacher checkpoints are given; speed does
   published_setting  furnace.methods.mgd.mgd_step under setting='published' (what the paper's experiments run)
   fast               mgd_step under setting='fast': offline teacher labels (made once here, by
                      furnace.teacher_labels.precompute), eval-mode BN-folded (CPU: int8 where accepted) teachers
+  fast_online        the fast setting with teacher_labels='online': the same teachers run on every batch
 Each runs on batches from the toy VOC readers (the trainer's three streams, furnace.sampling), interleaved
 step by step so that all see the same machine load; the median over --repeats after --warmup of the phases
 data, teacher, student forward (+ losses), backward, optimizer. FLOPs per step and per phase come from
 torch.utils.flop_counter on 'meta' tensors (the same step code; nothing is computed); utilization is
 FLOPs / (seconds x the measured torch.mm peak of the schedule's precision). The gradient check runs the
 published setting and the published schedule on one batch, student and teachers in train-mode BatchNorm,
-fp32: the student gradients (grad_max_rel_diff_train_bn) and BatchNorm running statistics must agree.
-The loader's throughput and sliding-window evaluation speed are measured by tools/gpu_check.py.
+fp32: the student gradients (grad_max_rel_diff_train_bn) and BatchNorm running statistics must agree; a
+second one, fast_online against the published schedule with BatchNorm in eval mode, gives grad_max_rel_diff.
+Besides: each teacher's inference per form (train-mode BN, eval, BN-folded, int8), the student's forward and
+backward NCHW and channels-last, the loader's throughput and sliding-window evaluation speed (the last two
+with tools/gpu_check.py's functions). The JSON keeps the keys of the benchmark's earlier versions
+(speedup_same_precision, speedup_online_vs_published, utilization_published, ...; see earlier_keys).
 """
 from __future__ import annotations
 
@@ -56,13 +61,16 @@ from furnace.engine import build_datasets, param_groups
 from furnace.methods.mgd import mgd_step, offline_labels
 from furnace.models import build_segmentor
 from furnace.sampling import LABELED, UNLABELED_0, UNLABELED_1, cutmix_masks, stream_loader, training_batch
-from furnace.teachers import ROLES, FrozenTeacher, int8_choice, use_int8
+from furnace.teachers import ROLES, FrozenTeacher, int8_choice, precision_reason, use_int8
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # tools/, when this file is not run as a script
 from published_step import published_mgd_step  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-KINDS = ("published", "published_setting", "fast")
+KINDS = ("published", "published_setting", "fast", "fast_online")
+# kind -> (setting, keys set on top of it)
+SETTINGS = {"published": ("published", {}), "published_setting": ("published", {}), "fast": ("fast", {}),
+            "fast_online": ("fast", {"teacher_labels": "online"})}
 PHASES = ("data", "teacher", "student_forward", "backward", "optimizer")
 DTYPES = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = Dict[str, torch.Tensor]
@@ -193,12 +201,12 @@ class Schedule:
 def make_teachers(kind: str, C: EasyDict, networks: Dict[str, nn.Module], int8: dict) -> dict:
     """The teachers of a schedule, each its own copy: plain train-mode networks (published), train-mode
     FrozenTeachers (published setting: nothing to fold, no int8), eval-mode BN-folded FrozenTeachers, int8
-    where `int8` holds a copy (fast)."""
-    train = kind != "fast"
-    nets = {r: copy.deepcopy(n).train(train) for r, n in networks.items()}
+    where `int8` holds a copy (fast, fast_online)."""
+    fast = kind.startswith("fast")
+    nets = {r: copy.deepcopy(n).train(not fast) for r, n in networks.items()}
     if kind == "published":
         return nets
-    return {r: FrozenTeacher(n, C.amp, C.channels_last, int8=int8.get(r) if kind == "fast" else None)
+    return {r: FrozenTeacher(n, C.amp, C.channels_last, int8=int8.get(r) if fast else None)
             for r, n in nets.items()}
 
 
@@ -246,6 +254,78 @@ def gradient_check_train_bn(student: nn.Module, networks: Dict[str, nn.Module], 
                 note="student and teachers in train-mode BN, fp32, separate calls in the published order, both")
 
 
+def gradient_check_eval_bn(student: nn.Module, networks: Dict[str, nn.Module], batch: Batch, C: EasyDict,
+                           device: torch.device) -> dict:
+    """The fast setting's step handed online teachers (joint calls) against the published schedule on one batch
+    with BatchNorm on fixed statistics (student and teachers in eval mode, teachers unfolded, fp32): the call
+    order only matters to train-mode BatchNorm, so the student's gradients agree up to summation order."""
+    C = EasyDict(dict(C, amp="off", channels_last=False, teacher_labels="online", gpu_batch=batch["x_l"].shape[0]))
+    nets = {r: copy.deepcopy(n).eval() for r, n in networks.items()}
+    steps = dict(fast_online=lambda net: mgd_step(net, {r: FrozenTeacher(n, fold_bn=False) for r, n in nets.items()},
+                                                  batch, None, C, device),
+                 published=lambda net: published_mgd_step(net, nets, batch, C))
+    grads, losses = {}, {}
+    for name, step in steps.items():
+        net = copy.deepcopy(student).float().eval()
+        loss, terms = step(net)
+        loss.backward()
+        grads[name] = [p.grad.detach().clone() for p in net.parameters()]
+        losses[name] = {k: float(v) for k, v in terms.items()}
+    scale = max(float(x.abs().max()) for x in grads["fast_online"])
+    diff = max(float((a - b).abs().max()) for a, b in zip(grads["fast_online"], grads["published"]))
+    shared = [k for k in losses["published"] if k in losses["fast_online"]]
+    return dict(grad_max_rel_diff=diff / max(scale, 1e-30), grad_max_abs=scale, crop=batch["x_l"].shape[-1],
+                loss_terms_max_abs_diff=max(abs(losses["fast_online"][k] - losses["published"][k]) for k in shared),
+                note="fast setting with online teachers vs published schedule; student and teachers in eval-mode BN, fp32")
+
+
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of `repeats` calls of fn after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def probe_teachers(networks: Dict[str, nn.Module], int8: dict, batch: Batch, images: int, device: torch.device,
+                   repeats: int):
+    """Per teacher, seconds per image and argmax agreement with the eval-mode fp32 network of each form a schedule
+    runs (train-mode BN as published, BN-folded eval mode, int8 where kept) on `images` images of u0; and the
+    share of the pixels in the fp32 argmax's most frequent class (near 1: a degenerate teacher)."""
+    x = batch["u0"][:images]
+    inference, majority = {}, {}
+    for role, net in networks.items():
+        forms = {"train_bn_fp32": FrozenTeacher(copy.deepcopy(net).train(), fold_bn=False),
+                 "eval_fp32": FrozenTeacher(net, fold_bn=False), "eval_folded_fp32": FrozenTeacher(net)}
+        if role in int8:
+            forms["int8"] = FrozenTeacher(net, int8=int8[role])
+        reference = forms["eval_fp32"].predict(x)[0].argmax(1)
+        inference[role] = {}
+        for name, teacher in forms.items():
+            seconds = median_seconds(lambda: teacher.predict(x), device, repeats)
+            agree = float((teacher.predict(x)[0].argmax(1) == reference).float().mean())
+            inference[role][name] = dict(seconds_per_image=seconds / x.shape[0], images=x.shape[0],
+                                         argmax_agreement=agree)
+        majority[role] = float(reference.flatten().bincount().max()) / reference.numel()
+    return inference, majority
+
+
+def probe_student(student: nn.Module, batch: Batch, device: torch.device, repeats: int) -> Dict[str, float]:
+    """Seconds of one student forward and backward on x_l and u0 together, NCHW and channels-last."""
+    x = torch.cat([batch["x_l"], batch["u0"]])
+    out = {}
+    for name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        net = copy.deepcopy(student).train().to(memory_format=fmt)
+        xf = x.contiguous(memory_format=fmt)
+        out[name] = median_seconds(lambda: net(xf).float().mean().backward(), device, repeats)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ data
 class Streams:
     """The trainer's three training streams (labeled, u0, u1) at the benchmark's batch, and CutMix masks."""
@@ -280,9 +360,10 @@ def ensure_toy_data(path: Optional[str]) -> str:
     return osp.join(out, "pascal_voc")
 
 
-def make_config(args, data_root: str, setting: str, amp: str) -> EasyDict:
+def make_config(args, data_root: str, kind: str, amp: str) -> EasyDict:
     # eval_crop_size: the sliding window of the offline labels (at least 128: about one window per toy image)
-    values = dict(data_root=data_root, crop_size=args.crop, eval_crop_size=max(args.crop, 128), batch_size=args.batch,
+    setting, keys = SETTINGS[kind]
+    values = dict(**keys, data_root=data_root, crop_size=args.crop, eval_crop_size=max(args.crop, 128), batch_size=args.batch,
                   num_workers=args.num_workers, num_classes=args.num_classes, network=args.student,
                   teacher_deep_network=args.deep, teacher_wide_network=args.wide, channels_last=False, seed=0,
                   output_dir=tempfile.gettempdir(), setting=setting, amp=amp,
@@ -336,12 +417,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offline-images", type=int,
                    help="images of each training list the steps draw from, given offline labels (default 48; --tiny 8)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default torch's; --tiny 1)")
+    p.add_argument("--probe-images", type=int, help="images of the teacher and student probes (default 4; --tiny 2)")
+    p.add_argument("--loader-batches", type=int, help="batches of the loader measurement (default 12; --tiny 4)")
+    p.add_argument("--eval-size", type=int, help="image side of the sliding-window speed (default 512; --tiny 48)")
     p.add_argument("--json", help="write all figures to this file")
     args = p.parse_args(argv)
     tiny = args.tiny
     defaults = dict(crop=32 if tiny else 321, student="mobilenet_v2" if tiny else "resnet18",
                     deep="resnet18" if tiny else "resnet101", wide="resnet18" if tiny else "wide_resnet50_2",
                     repeats=1 if tiny else 3, offline_images=8 if tiny else 48, threads=1 if tiny else None,
+                    probe_images=2 if tiny else 4, loader_batches=4 if tiny else 12, eval_size=48 if tiny else 512,
                     num_workers=0 if tiny else new_config("voc", __file__).num_workers)
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -383,20 +468,24 @@ def main(argv=None) -> dict:
 
     # -- data, configs, networks
     data_root = ensure_toy_data(args.data_root)
-    configs = {(kind, amp): make_config(args, data_root, "fast" if kind == "fast" else "published", amp)
-               for kind in KINDS for amp in amps}
+    configs = {(kind, amp): make_config(args, data_root, kind, amp) for kind in KINDS for amp in amps}
     C_fast = configs["fast", "off"]
     datasets = build_datasets(C_fast, unlabeled=True)
     for ds in datasets.values():
         ds.names = ds.names[:args.offline_images]
     student, networks = build_networks(args, C_fast.num_classes, device)
-    int8 = int8_choice(networks, C_fast, datasets, logger()) if use_int8(C_fast, device) else {}
+    R["int8_teachers"] = {}
+    int8 = int8_choice(networks, C_fast, datasets, logger(), R["int8_teachers"]) if use_int8(C_fast, device) else {}
 
     # -- schedules; the fast setting's offline labels, made once (every stream then carries them)
     schedules = [Schedule(kind if amp == "off" else f"{kind}_amp", kind, configs[kind, amp],
                           copy.deepcopy(student), make_teachers(kind, configs[kind, amp], networks, int8), device)
                  for amp in amps for kind in KINDS]
     fast = next(s for s in schedules if s.name == "fast")
+    R["ours_teacher_precision"] = dict(precision=fast.teacher_precision, reason={
+        r: "int8 copy kept" if r in int8 else precision_reason(C_fast, device) for r in ROLES})
+    R["ours_choice"] = dict(precision=amp_auto, precision_reason=amp_reason(device),
+                            channels_last=C_fast.channels_last, teacher_labels=C_fast.teacher_labels)
     C_labels = EasyDict(dict(C_fast, teacher_label_dir=tempfile.mkdtemp(prefix="mgd_bench_teacher_labels_")))
     t0 = time.perf_counter()
     root = teacher_labels.precompute({r: t.teacher for r, t in fast.teachers.items()}, datasets, C_labels,
@@ -404,7 +493,7 @@ def main(argv=None) -> dict:
     R["offline_labels_seconds"] = time.perf_counter() - t0
     datasets = {k: ds.with_teacher_labels(root) for k, ds in datasets.items()}
     rounds = args.warmup + args.repeats
-    streams = Streams(C_fast, datasets, device, iters=rounds * len(schedules) + 1)
+    streams = Streams(C_fast, datasets, device, iters=rounds * len(schedules) + 2)
 
     # -- gradient equality, then the steps, interleaved
     g = min(args.crop, 161)
@@ -414,6 +503,15 @@ def main(argv=None) -> dict:
     R["grad_max_rel_diff_train_bn"] = grad["grad_max_rel_diff"]
     print(f"gradient check (published setting vs published schedule, train-mode BN, fp32): "
           f"{grad['grad_max_rel_diff']:.2e}, BN running statistics {grad['bn_buffers_max_rel_diff']:.2e}", flush=True)
+    probe_batch = streams.next()
+    R["gradient_check"] = gradient_check_eval_bn(student, networks, {k: v[..., :g, :g] for k, v in probe_batch.items()},
+                                                 configs["fast_online", "off"], device)
+    R["grad_max_rel_diff"] = R["gradient_check"]["grad_max_rel_diff"]
+    print(f"gradient check (fast setting, online teachers, vs published schedule, eval-mode BN, fp32): "
+          f"{R['grad_max_rel_diff']:.2e}", flush=True)
+    R["teacher_inference"], R["teacher_majority_class_share"] = probe_teachers(
+        networks, int8, probe_batch, args.probe_images, device, args.repeats)
+    R["student_memory_format"] = probe_student(student, probe_batch, device, args.repeats)
     for r in range(rounds):
         for s in (schedules if r % 2 == 0 else schedules[::-1]):
             s.run(streams, record=r >= args.warmup)
@@ -436,6 +534,16 @@ def main(argv=None) -> dict:
     as_trained = "fast_amp" if "fast_amp" in t else "fast"  # the fast setting as it trains (amp='auto')
     R["speedup_vs_published"] = R["speedup"][as_trained]
     R["utilization"] = R["steps"][as_trained]["utilization"]["step"]
+    R.update(earlier_keys(R, t, as_trained))
+    R["offline_teachers"] = dict(images=len({n for ds in datasets.values() for n in ds.names}),
+                                 seconds=R["offline_labels_seconds"], step_seconds=t["fast"],
+                                 speedup_vs_online=t["fast_online"] / t["fast"])
+    R["offline_teachers"]["seconds_per_image_both_teachers"] = R["offline_labels_seconds"] / R["offline_teachers"]["images"]
+    import gpu_check  # it imports this module: here, not at the top
+    R["loader"] = gpu_check.loader_throughput(C_fast, datasets, device, args.loader_batches)
+    R["loader"]["step_consumes_images_per_second"] = R["steps"][as_trained]["images_per_second"]
+    R["loader"]["margin"] = R["loader"]["images_per_second"] / R["loader"]["step_consumes_images_per_second"]
+    R["eval"] = gpu_check.eval_speed(args.student, C_fast.num_classes, device, args.eval_size, args.crop, args.repeats)
     env["loadavg_end"] = list(os.getloadavg())
     R["total_seconds"] = time.perf_counter() - t_start
     print("\n" + format_table(R), flush=True)
@@ -443,6 +551,20 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as f:
             json.dump(R, f, indent=1)
     return R
+
+
+def earlier_keys(R: dict, t: Dict[str, float], as_trained: str) -> dict:
+    """The ratios the benchmark reported before the published setting existed, when 'ours' was the fast
+    setting: kept so that scripts reading them still work."""
+    online = "fast_online_amp" if as_trained.endswith("_amp") else "fast_online"
+    return dict(speedup_same_precision=t["published"] / t["fast"],
+                speedup_online_vs_published=t["published"] / t[online],
+                speedup_note=f"published schedule (fp32) over: the fast setting at amp='auto' (speedup_vs_published), "
+                             f"at fp32 (speedup_same_precision), with online teachers ({online}, "
+                             f"speedup_online_vs_published); the published setting at fp32 (speedup_published_setting)",
+                utilization_published=R["steps"]["published"]["utilization"]["step"],
+                flops_teachers_per_step=R["flops_by_phase"]["fast_online"]["teacher"],
+                flops_teachers_per_step_offline=R["flops_by_phase"]["fast"]["teacher"])
 
 
 def summary(s: Schedule, flops: Dict[str, int], peak: float, images: int) -> dict:
@@ -476,8 +598,21 @@ def format_table(R: dict) -> str:
     lines += ["", f"speedup_published_setting = {R['speedup_published_setting']:.2f}x (published / published setting, "
                   f"fp32); speedup_vs_published = {R['speedup_vs_published']:.2f}x (published fp32 / fast setting at "
                   f"amp='auto' = {cfg['amp_auto']['amp']})",
+              f"speedup_same_precision = {R['speedup_same_precision']:.2f}x (fast, fp32), speedup_online_vs_published "
+              f"= {R['speedup_online_vs_published']:.2f}x (fast setting with online teachers)",
               f"grad_max_rel_diff_train_bn = {g['grad_max_rel_diff']:.2e}, BN running statistics "
               f"{g['bn_buffers_max_rel_diff']:.2e} ({g['note']}, crop {g['crop']})",
+              f"grad_max_rel_diff = {R['grad_max_rel_diff']:.2e} ({R['gradient_check']['note']})",
+              "teachers per image (argmax agreement with eval fp32): " + "; ".join(
+                  f"{role} " + ", ".join(f"{form} {v['seconds_per_image'] * 1000:.0f} ms ({v['argmax_agreement']:.4f})"
+                                         for form, v in forms.items())
+                  for role, forms in R["teacher_inference"].items()),
+              "student forward+backward on x_l + u0: " + ", ".join(
+                  f"{k} {v:.3f} s" for k, v in R["student_memory_format"].items()),
+              f"loader {R['loader']['images_per_second']:.1f} images/s ({R['loader']['num_workers']} workers per stream), "
+              f"{R['loader']['margin']:.0f}x what the fast step consumes; sliding-window evaluation of a "
+              f"{R['eval']['image_size']}px image, crop {R['eval']['crop']}: "
+              f"{R['eval']['batched_images_per_second']:.2f} images/s",
               "peak torch.mm: " + ", ".join(f"{p} {v['gflops']:.1f} GFLOP/s (n={v['n']})"
                                            for p, v in R["peak_matmul"].items())
               + "; data and optimizer do no matrix products (utilization 0); int8 teachers count at the fp32 peak",
