@@ -94,6 +94,14 @@ def test_quickstart_summary_and_verdict(tmp_path):
     assert "+9.00 mIoU over 3 seeds" in toy_pipeline.verdict(rows) and "a difference" in toy_pipeline.verdict(rows)
     rows[0]["miou_last_std"] = 3.5
     assert "no difference" in toy_pipeline.verdict(rows)
-    rows[0]["n"] = 1
+    rows.insert(0, dict(label="WRN-50-2 teacher (CPS)", role="teacher", method="cps", n=1, miou_last_mean=75.0,
+                        miou_last_std=0.0))
+    lines = toy_pipeline.verdict(rows).splitlines()
+    assert lines[1] == ("WRN-50-2 teacher (CPS): +4.00 over mgd (more than 3 x its spread 1.00), +13.00 over "
+                        "supervised (more than 3 x its spread 3.50).")
+    rows[0]["miou_last_mean"] = 73.0
+    assert "+2.00 over mgd (less than 3 x its spread 1.00)" in toy_pipeline.verdict(rows)
+    rows[1]["n"] = 1
     assert "not a result" in toy_pipeline.verdict(rows)
+    rows.pop(0)  # the teacher row above is reduced to what the verdict reads
     assert "| resnet18 | mgd | 3 | 71.00 ± 1.00 | 70.0, 71.0, 72.0 |" in toy_pipeline.format_table(rows)

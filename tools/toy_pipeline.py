@@ -127,7 +127,9 @@ def summarise(records: Sequence[dict]) -> List[dict]:
 
 
 def verdict(rows: Sequence[dict]) -> str:
-    """Whether the MGD student's lead over the supervised one exceeds three times the larger of their spreads."""
+    """Whether the MGD student's lead over the supervised one exceeds three times the larger of their spreads,
+    and whether each teacher's lead over each student exceeds three times that student's spread (a teacher is
+    trained once: its own spread is not measured)."""
     by_method = {r["method"]: r for r in rows if r["role"] == "student"}
     if not {"mgd", "supervised"} <= set(by_method):
         return ""
@@ -137,9 +139,18 @@ def verdict(rows: Sequence[dict]) -> str:
     if min(mgd["n"], sup["n"]) < 2:
         return f"MGD - supervised: {gap:+.2f} mIoU from a single seed: not a result (run --seeds 3)."
     decided = abs(gap) > 3 * spread
-    return (f"MGD - supervised: {gap:+.2f} mIoU over {min(mgd['n'], sup['n'])} seeds; larger spread (std) "
-            f"{spread:.2f}: {'more' if decided else 'less'} than 3 x the spread, "
-            f"{'a difference' if decided else 'no difference'}.")
+    lines = [f"MGD - supervised: {gap:+.2f} mIoU over {min(mgd['n'], sup['n'])} seeds; larger spread (std) "
+             f"{spread:.2f}: {'more' if decided else 'less'} than 3 x the spread, "
+             f"{'a difference' if decided else 'no difference'}."]
+    for teacher in (r for r in rows if r["role"] == "teacher"):
+        parts = []
+        for student in (mgd, sup):
+            lead = teacher["miou_last_mean"] - student["miou_last_mean"]
+            ahead = lead > 3 * student["miou_last_std"]
+            parts.append(f"{lead:+.2f} over {student['method']} ({'more' if ahead else 'less'} than 3 x its spread "
+                         f"{student['miou_last_std']:.2f})")
+        lines.append(f"{teacher['label']}: " + ", ".join(parts) + ".")
+    return "\n".join(lines)
 
 
 def format_table(rows: Sequence[dict]) -> str:
