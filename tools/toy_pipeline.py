@@ -180,6 +180,8 @@ def plot_miou_vs_flops(rows: Sequence[dict], path: str) -> None:
                     (r["backbone_gflops"], r["miou_last_mean"]), textcoords="offset points", xytext=(8, 4),
                     fontsize=8)
     ax.set_xscale("log")
+    flops = [r["backbone_gflops"] for r in rows]
+    ax.set_xlim(min(flops) / 1.3, max(flops) * 2.2)  # room for the labels right of the points
     ax.set_xlabel("backbone GFLOPs at 512x512 (log scale)")
     ax.set_ylabel("toy val mIoU (%): mean ± std over seeds")
     ax.set_title("Toy dataset, 1/8 labeled: mIoU against backbone cost")
