@@ -52,6 +52,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def rank0_choice(value):
+    """Rank 0's `value` on every process (a picklable object): for choices that a process makes from a
+    measurement (furnace.amp), which must be the same on all of a run's processes."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 class _SyncBatchNormFn(torch.autograd.Function):
     """Batch normalisation with statistics over the batches of all processes.
 

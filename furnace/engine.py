@@ -31,7 +31,7 @@ from furnace.amp import amp_reason, resolve_amp
 from furnace.checkpoint import load_checkpoint, save_checkpoint
 from furnace.config import config_from_cli
 from furnace.data import read_list
-from furnace.distributed import all_reduce_sum, init_distributed, synchronised_batchnorm
+from furnace.distributed import all_reduce_sum, init_distributed, rank0_choice, synchronised_batchnorm
 from furnace.evaluate import evaluate_dataset
 from furnace.methods import build_method
 from furnace.metrics import iou_per_class, mean_iou
@@ -117,7 +117,7 @@ class Trainer:
                              + (f"per-GPU groups of gpu_batch={C.gpu_batch} images " if group > 1 else "images ")
                              + f"each of the {self.info.world_size} processes holds (batch_size={C.batch_size}): "
                              f"every micro-batch holds whole groups; use an accum_steps that divides it")
-        requested_amp, C.amp = C.amp, resolve_amp(C.amp, self.info.device)
+        requested_amp, C.amp = C.amp, rank0_choice(resolve_amp(C.amp, self.info.device))
         if C.amp == "fp16" and self.info.device.type != "cuda":
             raise ValueError("config: amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
         self.snapshot_dir = osp.join(C.output_dir, "snapshot")

@@ -184,3 +184,21 @@ def test_int8_mgd_run_trains_and_logs_the_agreement(toy, tmp_path, teacher_paths
 def test_bad_teacher_precision_settings_are_refused_by_name(toy, tmp_path, teacher_paths, changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         _load(toy, tmp_path, teacher_paths, **changes)
+
+
+def _choice_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    from furnace.distributed import rank0_choice
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.save(rank0_choice("bf16" if rank == 0 else "off"), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_measured_choice_is_rank_0s_on_every_process(tmp_path):
+    """amp='auto' is measured in each process; the trainer takes rank 0's answer everywhere (furnace.distributed
+    rank0_choice), so that two processes whose measurements differ still run one precision."""
+    import torch.multiprocessing as mp
+    from furnace.distributed import rank0_choice
+    assert rank0_choice("off") == "off"  # one process: its own value
+    mp.spawn(_choice_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == ["bf16", "bf16"]
