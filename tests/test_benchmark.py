@@ -213,3 +213,20 @@ def test_student_bn_calls_off_same_gradients_other_running_statistics():
         buffers.append(torch.cat([b.flatten().float() for b in net.buffers()]))
     assert (grads[0] - grads[1]).abs().max() <= 1e-6 * grads[0].abs().max()
     assert not torch.allclose(buffers[0], buffers[1])
+
+
+def test_channels_last_option_converts_the_projects_schedules_only():
+    """--channels-last: the published setting's and fast setting's student and teacher networks run channels-last,
+    as channels_last=True trains them; the published schedule keeps NCHW."""
+    args = benchmark.parse_args(["--tiny", "--channels-last"])
+    networks = {r: build_segmentor("resnet18", 3).eval().requires_grad_(False) for r in ("deep", "wide")}
+    for kind in ("published", "published_setting", "fast"):
+        C = benchmark.make_config(args, str(ROOT), kind, "off")
+        assert C.channels_last == (kind != "published")
+        s = benchmark.Schedule(kind, kind, C, build_segmentor("mobilenet_v2", 3),
+                               benchmark.make_teachers(kind, C, networks, {}), CPU)
+        convs = [m.weight for m in s.student.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        teacher = s.teachers["deep"].teacher
+        net = teacher if kind == "published" else teacher.network
+        convs += [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs) == C.channels_last

@@ -155,6 +155,8 @@ class Schedule:
     def __init__(self, name: str, kind: str, C: EasyDict, student: nn.Module, teachers: dict,
                  device: torch.device, count_flops: bool = False, optimize: bool = True):
         self.name, self.kind, self.C, self.student, self.device = name, kind, C, student, device
+        if C.channels_last:  # as the trainer converts it
+            student.to(memory_format=torch.channels_last)
         self.phases = Phases(device, count_flops)
         self.teachers = {role: Timed(t, self.phases) for role, t in teachers.items()}
         self.teacher_precision = {role: getattr(t, "precision", "fp32" if C.amp == "off" else C.amp)
@@ -204,6 +206,8 @@ def make_teachers(kind: str, C: EasyDict, networks: Dict[str, nn.Module], int8: 
     where `int8` holds a copy (fast, fast_online)."""
     fast = kind.startswith("fast")
     nets = {r: copy.deepcopy(n).train(not fast) for r, n in networks.items()}
+    if C.channels_last:
+        nets = {r: n.to(memory_format=torch.channels_last) for r, n in nets.items()}
     if kind == "published":
         return nets
     return {r: FrozenTeacher(n, C.amp, C.channels_last, int8=int8.get(r) if fast else None)
@@ -276,7 +280,8 @@ def gradient_check_eval_bn(student: nn.Module, networks: Dict[str, nn.Module], b
     shared = [k for k in losses["published"] if k in losses["fast_online"]]
     return dict(grad_max_rel_diff=diff / max(scale, 1e-30), grad_max_abs=scale, crop=batch["x_l"].shape[-1],
                 loss_terms_max_abs_diff=max(abs(losses["fast_online"][k] - losses["published"][k]) for k in shared),
-                note="fast setting with online teachers vs published schedule; student and teachers in eval-mode BN, fp32")
+                note="fast setting with online teachers vs published schedule; student and teachers in eval-mode "
+                     "BN, fp32")
 
 
 def median_seconds(fn, device: torch.device, repeats: int) -> float:
@@ -363,9 +368,11 @@ def ensure_toy_data(path: Optional[str]) -> str:
 def make_config(args, data_root: str, kind: str, amp: str) -> EasyDict:
     # eval_crop_size: the sliding window of the offline labels (at least 128: about one window per toy image)
     setting, keys = SETTINGS[kind]
-    values = dict(**keys, data_root=data_root, crop_size=args.crop, eval_crop_size=max(args.crop, 128), batch_size=args.batch,
+    values = dict(**keys,
+                  data_root=data_root, crop_size=args.crop, eval_crop_size=max(args.crop, 128), batch_size=args.batch,
                   num_workers=args.num_workers, num_classes=args.num_classes, network=args.student,
-                  teacher_deep_network=args.deep, teacher_wide_network=args.wide, channels_last=False, seed=0,
+                  teacher_deep_network=args.deep, teacher_wide_network=args.wide, seed=0,
+                  channels_last=args.channels_last and kind != "published",
                   output_dir=tempfile.gettempdir(), setting=setting, amp=amp,
                   class_names=VOC_CLASS_NAMES if args.num_classes == 21 else [f"c{i}" for i in range(args.num_classes)])
     if args.teacher_precision:
@@ -417,6 +424,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--offline-images", type=int,
                    help="images of each training list the steps draw from, given offline labels (default 48; --tiny 8)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default torch's; --tiny 1)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the project's schedules (published setting, fast) with channels-last networks, as "
+                        "channels_last=True trains; the published schedule stays NCHW, as published")
     p.add_argument("--probe-images", type=int, help="images of the teacher and student probes (default 4; --tiny 2)")
     p.add_argument("--loader-batches", type=int, help="batches of the loader measurement (default 12; --tiny 4)")
     p.add_argument("--eval-size", type=int, help="image side of the sliding-window speed (default 512; --tiny 48)")
@@ -456,7 +466,7 @@ def main(argv=None) -> dict:
                loadavg_start=list(os.getloadavg()), gpu=torch.cuda.get_device_name(device) if cuda else None)
     R: dict = dict(config=dict(device=str(device), crop=args.crop, batch_labeled=args.batch,
                                batch_unlabeled=args.batch, networks=nets, warmup=args.warmup, repeats=args.repeats,
-                               num_workers=args.num_workers, tiny=args.tiny,
+                               num_workers=args.num_workers, tiny=args.tiny, channels_last=args.channels_last,
                                amp_auto=dict(amp=amp_auto, reason=amp_reason(device)),
                                teacher_weights={r: getattr(args, f"{r}_checkpoint") or "random init" for r in ROLES}),
                    env=env)
@@ -538,7 +548,8 @@ def main(argv=None) -> dict:
     R["offline_teachers"] = dict(images=len({n for ds in datasets.values() for n in ds.names}),
                                  seconds=R["offline_labels_seconds"], step_seconds=t["fast"],
                                  speedup_vs_online=t["fast_online"] / t["fast"])
-    R["offline_teachers"]["seconds_per_image_both_teachers"] = R["offline_labels_seconds"] / R["offline_teachers"]["images"]
+    R["offline_teachers"]["seconds_per_image_both_teachers"] = (R["offline_labels_seconds"]
+                                                               / R["offline_teachers"]["images"])
     import gpu_check  # it imports this module: here, not at the top
     R["loader"] = gpu_check.loader_throughput(C_fast, datasets, device, args.loader_batches)
     R["loader"]["step_consumes_images_per_second"] = R["steps"][as_trained]["images_per_second"]
@@ -575,6 +586,7 @@ def summary(s: Schedule, flops: Dict[str, int], peak: float, images: int) -> dic
                 utilization=util, precision="fp32" if s.C.amp == "off" else s.C.amp,
                 teacher_precision=s.teacher_precision, teacher_bn=s.C.teacher_bn,
                 teacher_labels=s.C.teacher_labels, network_calls=s.C.network_calls,
+                channels_last=s.C.channels_last,
                 peak_memory_mb=max(s.peak_mb) if s.peak_mb else None)
 
 
@@ -590,7 +602,8 @@ def format_table(R: dict) -> str:
     for name, s in R["steps"].items():
         sec, u = s["seconds"], s["utilization"]
         teachers = "/".join(sorted(set(s["teacher_precision"].values())))
-        lines.append(f"| {name} | {s['precision']} / {teachers}, BN {s['teacher_bn']}, {s['teacher_labels']} | "
+        lines.append(f"| {name} | {s['precision']} / {teachers}, BN {s['teacher_bn']}, {s['teacher_labels']}"
+                     f"{', NHWC' if s['channels_last'] else ''} | "
                      + " | ".join(f"{sec[k]:.3f}" for k in PHASES) + f" | {sec['step']:.3f} | "
                      f"{R['speedup'][name]:.2f}x | {R['flops_per_step'][name] / 1e9:.2f} | "
                      f"{u['teacher']:.0%} / {u['student_forward']:.0%} / {u['backward']:.0%} / {u['step']:.0%} |")
@@ -609,7 +622,8 @@ def format_table(R: dict) -> str:
                   for role, forms in R["teacher_inference"].items()),
               "student forward+backward on x_l + u0: " + ", ".join(
                   f"{k} {v:.3f} s" for k, v in R["student_memory_format"].items()),
-              f"loader {R['loader']['images_per_second']:.1f} images/s ({R['loader']['num_workers']} workers per stream), "
+              f"loader {R['loader']['images_per_second']:.1f} images/s ({R['loader']['num_workers']} workers per "
+              "stream), "
               f"{R['loader']['margin']:.0f}x what the fast step consumes; sliding-window evaluation of a "
               f"{R['eval']['image_size']}px image, crop {R['eval']['crop']}: "
               f"{R['eval']['batched_images_per_second']:.2f} images/s",
