@@ -28,6 +28,7 @@ from easydict import EasyDict  # noqa: E402
 
 import collect_results  # noqa: E402
 from furnace.config import REPO_ROOT, collect_overrides, load_experiment, resolve  # noqa: E402
+from furnace.run import check_folder  # noqa: E402
 
 TOY_CFG = osp.join(REPO_ROOT, "exp.voc", "toy.cfg")
 TOY_TEACHERS_CFG = osp.join(REPO_ROOT, "exp.voc", "toy_teachers.cfg")
@@ -50,9 +51,11 @@ class Stage:
         return [TOY_CFG, TOY_TEACHERS_CFG] if self.role == "teacher" else [TOY_CFG]
 
 
-def teacher_stages() -> List[Stage]:
-    return [Stage("WRN-50-2 teacher (CPS)", WIDE_EXP, "cps", role="teacher"),
-            Stage("ResNet-101 teacher (CPS)", DEEP_EXP, "cps", role="teacher")]
+def teacher_stages(epochs: Optional[int] = None) -> List[Stage]:
+    """The two CPS teachers; `epochs` replaces toy_teachers.cfg's schedule (20 steps per epoch)."""
+    extra = [] if epochs is None else [f"epochs={epochs}"]
+    return [Stage("WRN-50-2 teacher (CPS)", WIDE_EXP, "cps", list(extra), role="teacher"),
+            Stage("ResNet-101 teacher (CPS)", DEEP_EXP, "cps", list(extra), role="teacher")]
 
 
 def student_stages(seed: Optional[int] = None) -> List[Stage]:
@@ -62,9 +65,10 @@ def student_stages(seed: Optional[int] = None) -> List[Stage]:
             Stage("ResNet-18 MGD", R18, "mgd" + suffix, extra)]
 
 
-def main_stages(seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS))) -> List[Stage]:
+def main_stages(seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS)), teacher_epochs: Optional[int] = None
+                ) -> List[Stage]:
     """Teachers (CPS) first, then the two students for every seed."""
-    return [*teacher_stages(), *(s for seed in seeds for s in student_stages(seed))]
+    return [*teacher_stages(teacher_epochs), *(s for seed in seeds for s in student_stages(seed))]
 
 
 def load_experiment_config(experiment: str, overrides: Sequence[str], cfg_files: Sequence[str] = (TOY_CFG,)) -> EasyDict:
@@ -226,7 +230,17 @@ def prediction_grid(records: Sequence[dict], path: str, overrides: Sequence[str]
     cv2.imwrite(path, np.concatenate([header, grid], 0)[:, :, ::-1])
 
 
+def check_stages(stages: Sequence[Stage], out_root: str, extra: Sequence[str] = ()) -> None:
+    """Before any work: refuse (furnace.run.RunRefused, naming the keys) a stage whose folder under `out_root`
+    holds a run of other settings, e.g. teachers of another --teacher-epochs, which would otherwise count as
+    done and be reported as these settings' result."""
+    for stage in stages:
+        check_folder(load_experiment_config(stage.experiment, stage_overrides(stage, out_root, extra),
+                                            stage.cfg_files), "this toy pipeline stage")
+
+
 def run_pipeline(stages: Sequence[Stage], out_root: str, extra: Sequence[str] = (), nproc: int = 1) -> List[dict]:
+    check_stages(stages, out_root, extra)
     return [run_stage(s, out_root, extra, nproc) for s in stages]
 
 
@@ -263,14 +277,20 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=osp.join(REPO_ROOT, "runs", "toy"), help="where the stages write")
     parser.add_argument("--img", default=osp.join(REPO_ROOT, "img"), help="where the table and figures go")
     parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun)")
+    parser.add_argument("--teacher-epochs", type=int,
+                        help="the teachers' epochs of 20 steps (default: toy_teachers.cfg's 5; 10 gives teachers "
+                             "clearly ahead of the students and doubles their time: README, 'How much of it is "
+                             "noise'); use a new --out, a finished teacher of another schedule is refused")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every stage")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: need at least one")
     if any(o.split("=", 1)[0].strip() == "seed" for o in args.overrides):
         parser.error("seed=: the students' seeds are --seeds (0 .. N-1); the teachers keep the config's seed")
+    if args.teacher_epochs is not None and args.teacher_epochs < 1:
+        parser.error(f"--teacher-epochs {args.teacher_epochs}: need at least one")
     start = time.time()
-    records = run_pipeline(main_stages(range(args.seeds)), args.out, args.overrides, args.nproc)
+    records = run_pipeline(main_stages(range(args.seeds), args.teacher_epochs), args.out, args.overrides, args.nproc)
     table = write_report(records, args.img, time.time() - start, args.overrides)
     print("\n" + table)
     with open(osp.join(args.out, "results.md"), "w") as f:
