@@ -114,6 +114,7 @@ def test_tiny_keys_and_values(tiny):
     assert saved["offline_teachers"]["speedup_vs_online"] == pytest.approx(t["fast_online"] / t["fast"])
     assert saved["ours_teacher_precision"]["precision"] == fast["teacher_precision"]
     for role, forms in saved["teacher_inference"].items():
+        assert set(forms) - {"int8"} == {"train_bn_fp32", "eval_fp32", "eval_folded_fp32"}
         assert forms["eval_fp32"]["argmax_agreement"] == 1.0 and forms["eval_folded_fp32"]["argmax_agreement"] > 0.99
         assert all(v["seconds_per_image"] > 0 for v in forms.values())
         assert ("int8" in forms) == saved["int8_teachers"].get(role, {}).get("kept", False)

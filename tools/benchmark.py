@@ -235,6 +235,12 @@ def step_flops(kind: str, C: EasyDict, nets: Dict[str, str], n: int, crop: int) 
 
 
 # ------------------------------------------------------------------------------------- gradient check
+def max_rel_diff(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
+    """max |a - b| over all tensors, over max |a|."""
+    scale = max(float(x.abs().max()) for x in a)
+    return max(float((x - y).abs().max()) for x, y in zip(a, b)) / max(scale, 1e-30)
+
+
 def gradient_check_train_bn(student: nn.Module, networks: Dict[str, nn.Module], batch: Batch, C: EasyDict,
                             device: torch.device) -> dict:
     """The published setting (mgd_step, setting='published') against the published schedule on one batch, as
@@ -249,12 +255,10 @@ def gradient_check_train_bn(student: nn.Module, networks: Dict[str, nn.Module], 
         grads[kind] = [p.grad.detach().clone() for p in net.parameters()]
         buffers[kind] = [b.detach().clone() for b in net.buffers() if b.is_floating_point()]
 
-    def rel(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
-        scale = max(float(x.abs().max()) for x in a)
-        return max(float((x - y).abs().max()) for x, y in zip(a, b)) / max(scale, 1e-30)
     a, b = "published_setting", "published"
-    return dict(grad_max_rel_diff=rel(grads[a], grads[b]), grad_max_abs=max(float(g.abs().max()) for g in grads[a]),
-                bn_buffers_max_rel_diff=rel(buffers[a], buffers[b]), crop=batch["x_l"].shape[-1],
+    return dict(grad_max_rel_diff=max_rel_diff(grads[a], grads[b]),
+                grad_max_abs=max(float(g.abs().max()) for g in grads[a]),
+                bn_buffers_max_rel_diff=max_rel_diff(buffers[a], buffers[b]), crop=batch["x_l"].shape[-1],
                 note="student and teachers in train-mode BN, fp32, separate calls in the published order, both")
 
 
@@ -275,10 +279,9 @@ def gradient_check_eval_bn(student: nn.Module, networks: Dict[str, nn.Module], b
         loss.backward()
         grads[name] = [p.grad.detach().clone() for p in net.parameters()]
         losses[name] = {k: float(v) for k, v in terms.items()}
-    scale = max(float(x.abs().max()) for x in grads["fast_online"])
-    diff = max(float((a - b).abs().max()) for a, b in zip(grads["fast_online"], grads["published"]))
     shared = [k for k in losses["published"] if k in losses["fast_online"]]
-    return dict(grad_max_rel_diff=diff / max(scale, 1e-30), grad_max_abs=scale, crop=batch["x_l"].shape[-1],
+    return dict(grad_max_rel_diff=max_rel_diff(grads["fast_online"], grads["published"]),
+                grad_max_abs=max(float(g.abs().max()) for g in grads["fast_online"]), crop=batch["x_l"].shape[-1],
                 loss_terms_max_abs_diff=max(abs(losses["fast_online"][k] - losses["published"][k]) for k in shared),
                 note="fast setting with online teachers vs published schedule; student and teachers in eval-mode "
                      "BN, fp32")

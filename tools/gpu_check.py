@@ -146,15 +146,9 @@ def eval_speed(network: str, num_classes: int, device: torch.device, size: int, 
     image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
     for name, max_batch in (("batched", 8), ("one_window_per_call", 1)):
-        sliding_probs(net, image, crop, max_batch=max_batch)  # warm-up
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            sliding_probs(net, image, crop, max_batch=max_batch)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        out[f"{name}_images_per_second"] = 1.0 / sorted(times)[len(times) // 2]
+        seconds = benchmark.median_seconds(lambda: sliding_probs(net, image, crop, max_batch=max_batch), device,
+                                           repeats)
+        out[f"{name}_images_per_second"] = 1.0 / seconds
     probs = sliding_probs(net, image, crop)
     stride = -(-crop * 2 // 3)
     per_side = -(-max(size - crop, 0) // stride) + 1
