@@ -146,11 +146,26 @@ def check_folder(C, what: str = "training") -> None:
             f"one folder per settings) or set output_dir=ANOTHER_FOLDER; to replace that run, delete {out}.")
 
 
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it (/proc/cpuinfo), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line and line.split(":")[0].strip() in
+                          ("model name", "cpu family", "model"))
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
+    except OSError:
+        import platform
+        return platform.processor() or "unknown"
+
+
 def write_identity(C) -> None:
     """<output_dir>/run.json: the run's identity and how it was started (atomic write)."""
+    import torch
+    # the CPU and the thread count set the floating-point order, which alone moves a tiny run's mIoU
     record = {"identity": identity(C), "experiment": C.exp_name, "output_dir": C.output_dir,
               "started": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
-              "command": sys.argv}
+              "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "command": sys.argv}
     path = osp.join(C.output_dir, RUN_FILE)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:

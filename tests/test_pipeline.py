@@ -22,7 +22,7 @@ def test_toy_pipeline_end_to_end(tmp_path):
     out, img = tmp_path / "runs", tmp_path / "img"
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     cmd = [sys.executable, os.path.join(REPO_ROOT, "tools", "toy_pipeline.py"), "--out", str(out), "--img", str(img),
-           "--seeds", "2",
+           "--seeds", "2", "--teacher-jobs", "2",
            f"data_root={data}/pascal_voc", "epochs=1", "iters_per_epoch=1", "crop_size=32", "batch_size=2",
            "eval_crop_size=64", "num_workers=0"]
     # torchrun's default port taken, as by another experiment running on the machine: every stage still starts
@@ -66,6 +66,15 @@ def test_toy_pipeline_end_to_end(tmp_path):
                      weights_only=False)["config"]
     assert (mgd["setting"], mgd["teacher_labels"], mgd["teacher_bn"]) == ("published", "online", "train")
     assert not (out / "voc8.resnet18_deeplabv3plus" / "mgd-seed0" / "teacher_labels").exists()
+    # the two teachers trained side by side, each on half the cores and with its output in its own log;
+    # the students one by one with torch's default thread count
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    for exp in ("voc8.wresnet50_deeplabv3plus", "voc8.resnet101_deeplabv3plus"):
+        assert json.loads((out / exp / "cps" / "run.json").read_text())["torch_threads"] == threads
+        assert "mIoU" in (out / "logs" / f"{exp}-cps.log").read_text()
+    assert "2 teachers side by side" in run.stdout
+    student = json.loads((out / "voc8.resnet18_deeplabv3plus" / "mgd-seed0" / "run.json").read_text())
+    assert student["torch_threads"] == torch.get_num_threads() and student["cpu"]
     for name in ("toy_miou_vs_flops.png", "toy_predictions.png"):
         assert (img / name).stat().st_size > 1000
 

@@ -111,15 +111,15 @@ def test_teachers_of_another_schedule_are_refused_before_any_work(tmp_path):
     """--teacher-epochs sets the teacher stages' epochs; a teacher folder under --out holding a run of another
     schedule is refused before any stage runs, naming the key, instead of counting as done."""
     from furnace.run import RunRefused, write_identity
-    default, longer = toy_pipeline.teacher_stages(), toy_pipeline.teacher_stages(10)
-    assert [s.overrides for s in longer] == [["epochs=10"], ["epochs=10"]] and default[0].overrides == []
+    default, shorter = toy_pipeline.teacher_stages(), toy_pipeline.teacher_stages(5)
+    assert [s.overrides for s in shorter] == [["epochs=5"], ["epochs=5"]] and default[0].overrides == []
     stage = default[0]
     C = toy_pipeline.load_experiment_config(stage.experiment, toy_pipeline.stage_overrides(stage, str(tmp_path)),
                                             stage.cfg_files)
-    assert C.epochs == 5  # toy_teachers.cfg
+    assert C.epochs == 10  # toy_teachers.cfg
     (tmp_path / stage.experiment / "cps" / "snapshot").mkdir(parents=True)
-    write_identity(C)  # a finished 5-epoch teacher, as training leaves it
+    write_identity(C)  # a finished 10-epoch teacher, as training leaves it
     torch.save({}, tmp_path / stage.experiment / "cps" / "snapshot" / "last.pth")
     toy_pipeline.check_stages(default, str(tmp_path))  # the same schedule: nothing to refuse
-    with pytest.raises(RunRefused, match="epochs: 5 there, 10 now"):
-        toy_pipeline.check_stages(longer, str(tmp_path))
+    with pytest.raises(RunRefused, match="epochs: 10 there, 5 now"):
+        toy_pipeline.check_stages(shorter, str(tmp_path))

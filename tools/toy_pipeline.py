@@ -90,9 +90,11 @@ def stage_overrides(stage: Stage, out_root: str, extra: Sequence[str] = ()) -> L
             *extra, *stage.overrides]
 
 
-def run_stage(stage: Stage, out_root: str, extra: Sequence[str] = (), nproc: int = 1) -> dict:
+def run_stage(stage: Stage, out_root: str, extra: Sequence[str] = (), nproc: int = 1, threads: Optional[int] = None,
+              log: Optional[str] = None) -> dict:
     """Train and evaluate one stage (skipping what is already done); its result record, read from its run
-    folder's eval.json and run.json."""
+    folder's eval.json and run.json. `threads` sets the stage's OMP_NUM_THREADS (torch's thread count);
+    `log` sends its output to that file instead of the terminal."""
     overrides = stage_overrides(stage, out_root, extra)
     C = load_experiment_config(stage.experiment, overrides, stage.cfg_files)
     last = osp.join(C.output_dir, "snapshot", "last.pth")
@@ -103,8 +105,20 @@ def run_stage(stage: Stage, out_root: str, extra: Sequence[str] = (), nproc: int
         script = osp.join(REPO_ROOT, "exp.voc", stage.experiment, "script.sh")
         env = dict(os.environ, NGPUS=str(nproc))
         env.pop("EVAL_EPOCHS", None)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         cfg_args = [arg for path in stage.cfg_files for arg in ("--cfg", path)]
-        subprocess.run(["bash", script, *cfg_args, *overrides], env=env, check=True)
+        command = ["bash", script, *cfg_args, *overrides]
+        if log is None:
+            subprocess.run(command, env=env, check=True)
+        else:
+            os.makedirs(osp.dirname(log), exist_ok=True)
+            with open(log, "w") as f:
+                done_run = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT)
+            if done_run.returncode:
+                with open(log) as f:
+                    tail = f.read()[-3000:]
+                raise RuntimeError(f"{stage.label} failed (exit {done_run.returncode}); its log {log} ends:\n{tail}")
     else:
         print(f"=== {stage.label}: done earlier ({C.output_dir})", flush=True)
     return record(stage, C)
@@ -239,9 +253,33 @@ def check_stages(stages: Sequence[Stage], out_root: str, extra: Sequence[str] = 
                                             stage.cfg_files), "this toy pipeline stage")
 
 
-def run_pipeline(stages: Sequence[Stage], out_root: str, extra: Sequence[str] = (), nproc: int = 1) -> List[dict]:
+def default_teacher_jobs() -> int:
+    """How many teachers train at once: both on a CPU with at least two cores, one at a time on a GPU.
+    Two one-thread processes keep two cores busier than one two-thread process does at the toy's small
+    tensors (README, "The quickstart, from a fresh clone")."""
+    import torch
+    return 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+
+
+def run_pipeline(stages: Sequence[Stage], out_root: str, extra: Sequence[str] = (), nproc: int = 1,
+                 teacher_jobs: int = 1) -> List[dict]:
+    """Every stage in order, except that with teacher_jobs > 1 the teachers (which depend on nothing) train
+    side by side first, each with cpu_count // teacher_jobs threads and its output in
+    <out_root>/logs/<experiment>-<tag>.log. The students then run one by one with torch's default threads."""
     check_stages(stages, out_root, extra)
-    return [run_stage(s, out_root, extra, nproc) for s in stages]
+    teachers = [s for s in stages if s.role == "teacher"]
+    records = {}
+    if teacher_jobs > 1 and len(teachers) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        threads = max(1, (os.cpu_count() or 1) // teacher_jobs)
+        logs = {s.label: osp.join(osp.abspath(out_root), "logs", f"{s.experiment}-{s.tag}.log") for s in teachers}
+        print(f"=== {len(teachers)} teachers side by side, {teacher_jobs} at a time, {threads} thread(s) each: "
+              + ", ".join(logs.values()), flush=True)
+        with ThreadPoolExecutor(teacher_jobs) as pool:
+            futures = {s.label: pool.submit(run_stage, s, out_root, extra, nproc, threads, logs[s.label])
+                       for s in teachers}
+            records = {label: future.result() for label, future in futures.items()}
+    return [records[s.label] if s.label in records else run_stage(s, out_root, extra, nproc) for s in stages]
 
 
 def write_report(records: List[dict], img_dir: str, total_seconds: Optional[float] = None,
@@ -278,9 +316,11 @@ def main(argv=None) -> None:
     parser.add_argument("--img", default=osp.join(REPO_ROOT, "img"), help="where the table and figures go")
     parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun)")
     parser.add_argument("--teacher-epochs", type=int,
-                        help="the teachers' epochs of 20 steps (default: toy_teachers.cfg's 5; 10 gives teachers "
-                             "clearly ahead of the students and doubles their time: README, 'How much of it is "
+                        help="the teachers' epochs of 20 steps (default: toy_teachers.cfg's 10; 5 halves their time and "
+                             "leaves them too close to the MGD student to tell apart: README, 'How much of it is "
                              "noise'); use a new --out, a finished teacher of another schedule is refused")
+    parser.add_argument("--teacher-jobs", type=int,
+                        help="teachers trained at once (default: 2 on a CPU with 2+ cores, 1 on a GPU)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every stage")
     args = parser.parse_args(argv)
     if args.seeds < 1:
@@ -289,8 +329,12 @@ def main(argv=None) -> None:
         parser.error("seed=: the students' seeds are --seeds (0 .. N-1); the teachers keep the config's seed")
     if args.teacher_epochs is not None and args.teacher_epochs < 1:
         parser.error(f"--teacher-epochs {args.teacher_epochs}: need at least one")
+    if args.teacher_jobs is not None and args.teacher_jobs < 1:
+        parser.error(f"--teacher-jobs {args.teacher_jobs}: need at least one")
+    teacher_jobs = default_teacher_jobs() if args.teacher_jobs is None else args.teacher_jobs
     start = time.time()
-    records = run_pipeline(main_stages(range(args.seeds), args.teacher_epochs), args.out, args.overrides, args.nproc)
+    records = run_pipeline(main_stages(range(args.seeds), args.teacher_epochs), args.out, args.overrides, args.nproc,
+                           teacher_jobs)
     table = write_report(records, args.img, time.time() - start, args.overrides)
     print("\n" + table)
     with open(osp.join(args.out, "results.md"), "w") as f:
