@@ -264,14 +264,14 @@ def default_teacher_jobs() -> int:
 def run_pipeline(stages: Sequence[Stage], out_root: str, extra: Sequence[str] = (), nproc: int = 1,
                  teacher_jobs: int = 1) -> List[dict]:
     """Every stage in order, except that with teacher_jobs > 1 the teachers (which depend on nothing) train
-    side by side first, each with cpu_count // teacher_jobs threads and its output in
+    side by side first, each process with cpu_count // (teacher_jobs x nproc) threads and its output in
     <out_root>/logs/<experiment>-<tag>.log. The students then run one by one with torch's default threads."""
     check_stages(stages, out_root, extra)
     teachers = [s for s in stages if s.role == "teacher"]
     records = {}
     if teacher_jobs > 1 and len(teachers) > 1:
         from concurrent.futures import ThreadPoolExecutor
-        threads = max(1, (os.cpu_count() or 1) // teacher_jobs)
+        threads = max(1, (os.cpu_count() or 1) // (teacher_jobs * nproc))
         logs = {s.label: osp.join(osp.abspath(out_root), "logs", f"{s.experiment}-{s.tag}.log") for s in teachers}
         print(f"=== {len(teachers)} teachers side by side, {teacher_jobs} at a time, {threads} thread(s) each: "
               + ", ".join(logs.values()), flush=True)
