@@ -149,10 +149,11 @@ def check_folder(C, what: str = "training") -> None:
 def cpu_model() -> str:
     """The CPU's model name as Linux reports it (/proc/cpuinfo), else platform.processor()."""
     try:
+        fields = {}
         with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line and line.split(":")[0].strip() in
-                          ("model name", "cpu family", "model"))
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
+            for line in f:  # one block per logical CPU, all alike: the first holds the answer
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
         return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')})"
     except OSError:
         import platform
