@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +130,37 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert all(s["finite"] for s in R["steps"])
     assert R["loader"][0]["images_per_second"] > 0
     assert "train step mgd" in gpu_check.table(R) and json.loads((tmp_path / "g.json").read_text())["steps"]
+    assert (tmp_path / "g.md").read_text() == gpu_check.table(R) + "\n"
+
+
+def test_gpu_check_stage_failure_keeps_the_others(tmp_path, monkeypatch):
+    """A stage that raises (here the loader) is a row of its error in the table and in the saved JSON; the stages
+    after it still run, and the file saved after every stage holds the figures measured before it."""
+    saved_steps = []
+
+    def broken_loader(*args, **kwargs):
+        saved_steps.append(len(json.loads((tmp_path / "g.json").read_text())["steps"]))
+        raise OSError("no shared memory for the workers")
+
+    monkeypatch.setattr(gpu_check, "loader_rates", broken_loader)
+    monkeypatch.setattr(gpu_check, "method_step", lambda method, setting, amp, *a: dict(
+        method=method, setting=setting, amp=amp, loss=1.0, finite=True, seconds=0.1, peak_memory_mb=None))
+    R = gpu_check.main(["--device", "cpu", "--tiny", "--skip-tests", "--skip-benchmark", "--json",
+                        str(tmp_path / "g.json")])
+    assert saved_steps == [4] and "loader" not in R and R["eval"]["windows"] == 9
+    assert R["errors"] == {"loader": "OSError: no shared memory for the workers"}
+    assert json.loads((tmp_path / "g.json").read_text())["errors"] == R["errors"]
+    assert "| loader | - | ERROR: OSError: no shared memory for the workers |" in (tmp_path / "g.md").read_text()
+
+
+def test_gpu_check_script_saves_json_and_table(tmp_path):
+    """tools/gpu_check.sh with this machine's python (all packages present, so no wheels are installed) on CPU at
+    the tiny size: exit 0, the JSON and the table in GPU_CHECK_DIR."""
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_DIR=str(tmp_path))
+    run = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "--device", "cpu", "--tiny", "--skip-tests",
+                          "--skip-benchmark", "--workers", "0"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "installing" not in run.stdout
+    R = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert len(R["steps"]) == 4 and "errors" not in R
+    assert (tmp_path / "gpu_check.md").read_text().count("| train step ") == 4

@@ -16,13 +16,15 @@ and prints one table of all of it. Networks are random-init (speed and finitenes
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os.path as osp
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+import traceback
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from easydict import EasyDict
@@ -157,6 +159,7 @@ def eval_speed(network: str, num_classes: int, device: torch.device, size: int, 
 
 
 def table(R: dict) -> str:
+    """The check's one table; a stage that has not run yet is left out, one that failed is a row of its error."""
     cfg = R["config"]
     lines = [f"## GPU check: {R['device_name']}, torch {torch.__version__}, crop {cfg['crop']}, batch {cfg['batch']} "
              f"labeled + {cfg['batch']} unlabeled; {cfg['networks']}", "",
@@ -165,7 +168,7 @@ def table(R: dict) -> str:
         t = R["tests"]
         lines.append(f"| CUDA tests (pytest -m cuda) | - | {'ok' if t['returncode'] == 0 else 'FAILED'}: "
                      f"{t['summary']} | {t['seconds']:.0f} | - |")
-    for s in R["steps"]:
+    for s in R.get("steps", []):
         mem = f"{s['peak_memory_mb']:.0f}" if s["peak_memory_mb"] is not None else "-"
         lines.append(f"| train step {s['method']} | {s['setting']} / {s['amp']} | "
                      f"{'finite' if s['finite'] else 'NOT FINITE'}, loss {s['loss']:.3f} | {s['seconds']:.2f} | {mem} |")
@@ -185,11 +188,30 @@ def table(R: dict) -> str:
                      f"{E['batched_images_per_second']:.2f} images/s batched, "
                      f"{E['one_window_per_call_images_per_second']:.2f} one window per call | - | - |")
     consumed = R.get("step_consumes_images_per_second")
-    for w, L in R["loader"].items():
+    for w, L in R.get("loader", {}).items():
         margin = f", {L['images_per_second'] / consumed:.1f}x what the fast step consumes" if consumed else ""
         lines.append(f"| loader, {w} workers per stream | 3 streams | {L['images_per_second']:.0f} images/s{margin} | "
                      f"{L['startup_seconds']:.1f} start-up | - |")
+    for name, error in R.get("errors", {}).items():
+        lines.append(f"| {name} | - | ERROR: {error[:300]} | {R['stage_seconds'][name]:.0f} | - |")
     return "\n".join(lines)
+
+
+def run_stage(R: dict, name: str, fn: Callable[[], Any], save: Callable[[], None],
+              put: Optional[Callable[[Any], None]] = None) -> Any:
+    """put(fn()) (default: R[name] = fn()), then save. A stage that raises is recorded in R['errors'] and the
+    check goes on: on a GPU lent for minutes, one broken stage must not cost the figures of the others."""
+    t0 = time.perf_counter()
+    result = None
+    try:
+        result = fn()
+        (put or (lambda r: R.__setitem__(name, r)))(result)
+    except Exception as e:
+        traceback.print_exc()
+        R.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+    R.setdefault("stage_seconds", {})[name] = time.perf_counter() - t0
+    save()
+    return result
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -199,7 +221,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest -m cuda")
     p.add_argument("--skip-benchmark", action="store_true", help="do not run tools/benchmark.py")
     p.add_argument("--workers", type=int, nargs="+", help="loader workers per stream to measure (default 0 2 4 8)")
-    p.add_argument("--json", help="write all figures to this file")
+    p.add_argument("--json", help="write all figures to this file after every stage, and the table beside it "
+                                  "(same name, .md): a check stopped by its time limit keeps what it measured")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device (use --device cpu --tiny for the smoke test)")
@@ -212,31 +235,38 @@ def main(argv: Optional[List[str]] = None) -> dict:
     data_root = benchmark.ensure_toy_data(None)
     R: dict = dict(config=dict(crop=crop, batch=batch, networks=nets, device=str(device)),
                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(R, f, indent=1, default=str)
+            with open(osp.splitext(args.json)[0] + ".md", "w") as f:
+                f.write(table(R) + "\n")
+
     if not args.skip_tests:
-        R["tests"] = cuda_tests()
-        print(f"CUDA tests: {R['tests']['summary']}", flush=True)
+        if run_stage(R, "tests", cuda_tests, save):
+            print(f"CUDA tests: {R['tests']['summary']}", flush=True)
     precisions = ["bf16", "fp16"] if device.type == "cuda" else ["off"]  # CPU: bf16 is emulated on most
     R["steps"] = []
     for method, setting in (("supervised", "published"), ("cps", "published"), ("mgd", "published"), ("mgd", "fast")):
         for amp in precisions:
-            R["steps"].append(method_step(method, setting, amp, crop, batch, nets, device, data_root))
-            s = R["steps"][-1]
-            print(f"step {method} {setting} {amp}: loss {s['loss']:.3f}, finite {s['finite']}, {s['seconds']:.2f} s",
-                  flush=True)
+            name = f"train step {method} {setting} {amp}"
+            s = run_stage(R, name, lambda: method_step(method, setting, amp, crop, batch, nets, device, data_root),
+                          save, put=R["steps"].append)
+            if s:
+                print(f"step {method} {setting} {amp}: loss {s['loss']:.3f}, finite {s['finite']}, "
+                      f"{s['seconds']:.2f} s", flush=True)
     if not args.skip_benchmark:
         bargs = ["--device", args.device, "--crop", str(crop), "--batch", str(batch), "--repeats", "3",
                  "--offline-images", "16", "--data-root", data_root]
-        R["benchmark"] = benchmark.main((["--tiny"] if args.tiny else []) + bargs)
-        steps = R["benchmark"]["steps"]
-        R["step_consumes_images_per_second"] = steps.get("fast_amp", steps["fast"])["images_per_second"]
+        if run_stage(R, "benchmark", lambda: benchmark.main((["--tiny"] if args.tiny else []) + bargs), save):
+            steps = R["benchmark"]["steps"]
+            R["step_consumes_images_per_second"] = steps.get("fast_amp", steps["fast"])["images_per_second"]
     C = config("fast", "off", crop, batch, nets, data_root)
-    R["loader"] = loader_rates(C, device, args.workers or ([0, 2] if args.tiny else [0, 2, 4, 8]), 4 if args.tiny else 12)
-    R["eval"] = eval_speed(nets["student"], C.num_classes, device, 2 * crop, crop)
+    workers = args.workers or ([0, 2] if args.tiny else [0, 2, 4, 8])
+    run_stage(R, "loader", lambda: loader_rates(C, device, workers, 4 if args.tiny else 12), save)
+    run_stage(R, "eval", lambda: eval_speed(nets["student"], C.num_classes, device, 2 * crop, crop), save)
     print("\n" + table(R), flush=True)
-    if args.json:
-        import json
-        with open(args.json, "w") as f:
-            json.dump(R, f, indent=1, default=str)
     return R
 
 
