@@ -95,6 +95,12 @@ def test_tiny_keys_and_values(tiny):
         assert 0 < st["utilization"]["step"] and st["utilization"]["data"] == st["utilization"]["optimizer"] == 0
         assert saved["speedup"][name] > 0
     assert saved["speedup_published_setting"] == saved["speedup"]["published_setting"]
+    bound = saved["published_setting_bound"]
+    at_peak = saved["flops_per_step"]["published_setting"] / (saved["peak_matmul"]["fp32"]["gflops"] * 1e9)
+    assert bound["seconds_at_peak"] == pytest.approx(at_peak)
+    assert bound["max_speedup"] == pytest.approx(saved["steps"]["published"]["seconds"]["step"] / at_peak)
+    assert bound["utilization_for_target"] == pytest.approx(1.5 / bound["max_speedup"])
+    assert "published setting at the fp32 peak" in printed
     fast = saved["steps"]["fast"]
     assert (fast["teacher_bn"], fast["teacher_labels"], fast["network_calls"]) == ("eval", "offline", "joint")
     for name in ("published", "published_setting"):

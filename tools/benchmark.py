@@ -544,6 +544,8 @@ def main(argv=None) -> dict:
     t = {name: st["seconds"]["step"] for name, st in R["steps"].items()}
     R["speedup"] = {name: t["published"] / sec for name, sec in t.items()}
     R["speedup_published_setting"] = R["speedup"]["published_setting"]
+    R["published_setting_bound"] = published_setting_bound(flops["published_setting"]["step"],
+                                                           peak["off"]["gflops"] * 1e9, t["published"])
     as_trained = "fast_amp" if "fast_amp" in t else "fast"  # the fast setting as it trains (amp='auto')
     R["speedup_vs_published"] = R["speedup"][as_trained]
     R["utilization"] = R["steps"][as_trained]["utilization"]["step"]
@@ -565,6 +567,16 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as f:
             json.dump(R, f, indent=1)
     return R
+
+
+def published_setting_bound(flops: int, peak: float, published_seconds: float, target: float = 1.5) -> dict:
+    """How fast the published setting's fp32 step could be on this machine: all of its FLOPs at the measured
+    torch.mm fp32 peak. It keeps its FLOPs (the same update, see README "The published setting's step"), so
+    this bounds its speed-up over the published schedule by published_seconds / seconds_at_peak; reaching
+    `target` needs its step at `utilization_for_target` of the peak."""
+    at_peak = flops / peak
+    return dict(seconds_at_peak=at_peak, max_speedup=published_seconds / at_peak, target=target,
+                utilization_for_target=at_peak * target / published_seconds)
 
 
 def earlier_keys(R: dict, t: Dict[str, float], as_trained: str) -> dict:
@@ -610,12 +622,17 @@ def format_table(R: dict) -> str:
                      + " | ".join(f"{sec[k]:.3f}" for k in PHASES) + f" | {sec['step']:.3f} | "
                      f"{R['speedup'][name]:.2f}x | {R['flops_per_step'][name] / 1e9:.2f} | "
                      f"{u['teacher']:.0%} / {u['student_forward']:.0%} / {u['backward']:.0%} / {u['step']:.0%} |")
-    g = R["gradient_check_train_bn"]
+    g, b = R["gradient_check_train_bn"], R["published_setting_bound"]
     lines += ["", f"speedup_published_setting = {R['speedup_published_setting']:.2f}x (published / published setting, "
                   f"fp32); speedup_vs_published = {R['speedup_vs_published']:.2f}x (published fp32 / fast setting at "
                   f"amp='auto' = {cfg['amp_auto']['amp']})",
               f"speedup_same_precision = {R['speedup_same_precision']:.2f}x (fast, fp32), speedup_online_vs_published "
               f"= {R['speedup_online_vs_published']:.2f}x (fast setting with online teachers)",
+              f"published setting at the fp32 peak: {R['flops_per_step']['published_setting'] / 1e9:.1f} GFLOP in "
+              f"{b['seconds_at_peak']:.3f} s, at most {b['max_speedup']:.2f}x the published schedule's "
+              f"{R['steps']['published']['seconds']['step']:.3f} s; {b['target']}x needs "
+              f"{b['utilization_for_target']:.0%} of the peak (it runs at "
+              f"{R['steps']['published_setting']['utilization']['step']:.0%})",
               f"grad_max_rel_diff_train_bn = {g['grad_max_rel_diff']:.2e}, BN running statistics "
               f"{g['bn_buffers_max_rel_diff']:.2e} ({g['note']}, crop {g['crop']})",
               f"grad_max_rel_diff = {R['grad_max_rel_diff']:.2e} ({R['gradient_check']['note']})",
