@@ -22,6 +22,7 @@ from furnace.losses import content_aware_loss
 from furnace.methods.mgd import mgd_step
 from furnace.models import build_segmentor
 from furnace.quantize import int8_supported
+from furnace.run import cpu_model
 from furnace.teachers import FrozenTeacher
 from published_step import published_mgd_step
 from trainkit import random_bn
@@ -101,6 +102,7 @@ def test_tiny_keys_and_values(tiny):
     assert bound["max_speedup"] == pytest.approx(saved["steps"]["published"]["seconds"]["step"] / at_peak)
     assert bound["utilization_for_target"] == pytest.approx(1.5 / bound["max_speedup"])
     assert "published setting at the fp32 peak" in printed
+    assert saved["env"]["cpu"] == cpu_model() and f"# MGD step benchmark on {cpu_model()} (" in printed
     fast = saved["steps"]["fast"]
     assert (fast["teacher_bn"], fast["teacher_labels"], fast["network_calls"]) == ("eval", "offline", "joint")
     for name in ("published", "published_setting"):

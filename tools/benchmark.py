@@ -60,6 +60,7 @@ from furnace.distributed import DistInfo
 from furnace.engine import build_datasets, param_groups
 from furnace.methods.mgd import mgd_step, offline_labels
 from furnace.models import build_segmentor
+from furnace.run import cpu_model
 from furnace.sampling import LABELED, UNLABELED_0, UNLABELED_1, cutmix_masks, stream_loader, training_batch
 from furnace.teachers import ROLES, FrozenTeacher, int8_choice, precision_reason, use_int8
 
@@ -464,7 +465,7 @@ def main(argv=None) -> dict:
     nets = dict(student=args.student, deep=args.deep, wide=args.wide)
     amp_auto = resolve_amp("auto", device)
     amps = ["off"] + ([amp_auto] if amp_auto != "off" else [])
-    env = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+    env = dict(torch=torch.__version__, python=platform.python_version(), cpu=cpu_model(), threads=torch.get_num_threads(),
                cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_count=os.cpu_count(),
                loadavg_start=list(os.getloadavg()), gpu=torch.cuda.get_device_name(device) if cuda else None)
     R: dict = dict(config=dict(device=str(device), crop=args.crop, batch_labeled=args.batch,
@@ -473,7 +474,7 @@ def main(argv=None) -> dict:
                                amp_auto=dict(amp=amp_auto, reason=amp_reason(device)),
                                teacher_weights={r: getattr(args, f"{r}_checkpoint") or "random init" for r in ROLES}),
                    env=env)
-    print(f"# MGD step benchmark on {env['gpu'] or 'CPU'} ({env['cpu_count']} cores, {env['cpu_capability']}, "
+    print(f"# MGD step benchmark on {env['gpu'] or env['cpu']} ({env['cpu_count']} cores, {env['cpu_capability']}, "
           f"{env['threads']} threads), torch {env['torch']}; load {env['loadavg_start']}; amp='auto' here: "
           f"{amp_auto} ({amp_reason(device)})", flush=True)
     sizes = [512] if args.tiny else [4096, 8192] if cuda else [1024, 2048]

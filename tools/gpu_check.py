@@ -103,7 +103,7 @@ def method_step(method: str, setting: str, amp: str, crop: int, batch: int, nets
     sync(device)
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    del model, teachers, optimizer
+    model = teachers = optimizer = None  # released here, not at return, so that empty_cache frees their memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(method=method, setting=setting, amp=amp, loss=loss, finite=math.isfinite(loss) and grads_ok,
