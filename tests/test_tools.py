@@ -117,7 +117,8 @@ def test_toy_benchmark_summary_and_teachers_check(tmp_path, capsys):
     with pytest.raises(SystemExit):
         toy_benchmark.main(["--only", "mgd,mgd-fast,nope", "--out", str(tmp_path / "out")])
     assert "no stage tagged nope" in capsys.readouterr().err
-    assert {"supervised", "mgd", "mgd-fast", "mgd-fast-pergpu"} <= {s.tag for s in toy_benchmark.benchmark_stages()}
+    assert {"supervised", "mgd", "mgd-fast", "mgd-fast-pergpu", "mgd-no-student-bn-calls", "mgd-channels-last"} <= {
+        s.tag for s in toy_benchmark.benchmark_stages()}
 
 
 def test_gpu_check_cpu_smoke(tmp_path):

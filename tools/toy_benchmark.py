@@ -6,6 +6,7 @@ Per seed (model initialisation, sampling and CutMix all follow `seed`): the two 
 ResNet-18 supervised-only, with MGD in the published setting (the default) and in the fast setting (offline
 teachers: pseudo-labels made once per image, kept in <teachers' folder>/teacher_labels and shared by every
 student and seed that shares the teachers), the fast setting with each of its choices reverted in turn,
+the published setting with each of its opt-in speed-ups (student_bn_calls=False, channels_last=True),
 MobileNet-v2 supervised-only and with MGD, then ResNet-18 MGD without each loss term. --only runs a subset.
 --shared-teachers trains the teachers once (first seed) and reuses them for every seed, which measures the
 students' spread only but costs a third of the time; --teachers DIR takes the finished teachers of an
@@ -31,8 +32,8 @@ R18, MBV2 = "voc8.resnet18_deeplabv3plus", "voc8.mobilev2_deeplabv3plus"
 
 def benchmark_stages() -> List[Stage]:
     """The main job's stages (teachers, ResNet-18 supervised and MGD in the published setting), ResNet-18 MGD
-    in the fast setting and with each of its choices reverted to the published one, then MobileNet-v2 and
-    the ablations."""
+    in the fast setting and with each of its choices reverted to the published one, the published setting's
+    two opt-in speed-ups (student_bn_calls=False, channels_last=True), then MobileNet-v2 and the ablations."""
     fast = ["setting=fast"]
     return [
         *teacher_stages(),
@@ -44,6 +45,8 @@ def benchmark_stages() -> List[Stage]:
         Stage("fast, separate network calls", R18, "mgd-fast-separate", fast + ["network_calls=separate"]),
         Stage("fast, toggled CutMix boxes", R18, "mgd-fast-toggle", fast + ["cutmix_overlap=toggle"]),
         Stage("fast, per-GPU losses", R18, "mgd-fast-pergpu", fast + ["loss_scope=per_gpu"]),
+        Stage("ResNet-18 MGD, no student calls on u0, u1", R18, "mgd-no-student-bn-calls", ["student_bn_calls=False"]),
+        Stage("ResNet-18 MGD, channels-last", R18, "mgd-channels-last", ["channels_last=True"]),
         Stage("MobileNet-v2 supervised", MBV2, "mbv2-supervised", ["method=supervised"]),
         Stage("MobileNet-v2 MGD", MBV2, "mbv2-mgd"),
         Stage("ResNet-18 MGD w/o pixel-level", R18, "mgd-no-pixel",
