@@ -16,6 +16,7 @@ from easydict import EasyDict
 from torch.utils.flop_counter import FlopCounterMode
 
 import benchmark
+import gpu_check
 from furnace.config import new_config, resolve
 from furnace.flops import count_flops
 from furnace.losses import content_aware_loss
@@ -130,6 +131,17 @@ def test_tiny_keys_and_values(tiny):
     assert saved["loader"]["images_per_second"] > 0 and saved["eval"]["batched_images_per_second"] > 0
     assert saved["peak_matmul"]["fp32"]["gflops"] > 0 and saved["utilization"] > 0
     assert "speedup_vs_published" in printed and "| published_setting |" in printed
+
+
+def test_gpu_check_table_reads_the_benchmark(tiny):
+    """tools/gpu_check.py's table holds one row per benchmark schedule and the ratios row (CPU CI skips the
+    benchmark stage of gpu_check: its table is checked here on the tiny run)."""
+    _, saved, _ = tiny
+    text = gpu_check.table(dict(config=dict(crop=32, batch=2, networks={}), device_name="CPU", steps=[],
+                                benchmark=saved))
+    assert all(f"| benchmark {name} |" in text for name in saved["steps"])
+    assert (f"published / published setting {saved['speedup_published_setting']:.2f}x (at most "
+            f"{saved['published_setting_bound']['max_speedup']:.2f}x at the fp32 peak)") in text
 
 
 def test_tiny_gradient_equality_train_bn(tiny):
