@@ -465,7 +465,8 @@ def main(argv=None) -> dict:
     nets = dict(student=args.student, deep=args.deep, wide=args.wide)
     amp_auto = resolve_amp("auto", device)
     amps = ["off"] + ([amp_auto] if amp_auto != "off" else [])
-    env = dict(torch=torch.__version__, python=platform.python_version(), cpu=cpu_model(), threads=torch.get_num_threads(),
+    env = dict(torch=torch.__version__, python=platform.python_version(), cpu=cpu_model(),
+               threads=torch.get_num_threads(),
                cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_count=os.cpu_count(),
                loadavg_start=list(os.getloadavg()), gpu=torch.cuda.get_device_name(device) if cuda else None)
     R: dict = dict(config=dict(device=str(device), crop=args.crop, batch_labeled=args.batch,

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The first run on a machine with one CUDA GPU: CUDA tests, one training step per method (crop 512, batch
 # 8 + 8, bf16 and fp16), the benchmark at that size, loader and evaluation speed, peak memory; one table at
-# the end (tools/gpu_check.py). The timeout (GPU_CHECK_TIMEOUT, 470 s) keeps the whole check under 8 minutes; the figures are saved
-# after every stage (gpu_check.json and gpu_check.md in $GPU_CHECK_DIR, else $OUT, else /tmp), so a check
-# stopped by the timeout still leaves, and prints, what it measured.
+# the end (tools/gpu_check.py). The timeout (GPU_CHECK_TIMEOUT, 470 s) keeps the whole check under 8
+# minutes; the figures are saved after every stage (gpu_check.json and gpu_check.md in $GPU_CHECK_DIR, else
+# $OUT, else /tmp), so a check stopped by the timeout still leaves, and prints, what it measured.
 #
 # The GPU machine's own python3 (with a CUDA torch) is used, or $PYTHON. Packages the project needs that it
 # lacks (often easydict and tensorboardX) install from the wheels in ./.whl, if there are any: make them
