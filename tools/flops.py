@@ -16,9 +16,7 @@ import argparse
 import json
 import sys
 
-import torch
-
-from furnace.flops import count_flops, measure
+from furnace.flops import measure
 
 # (preset name, role) of every network in the project
 NETWORKS = [("resnet18", "student"), ("mobilenet_v2", "student"),

@@ -1,8 +1,6 @@
 """Colour maps for label visualisation and palette PNGs."""
 import numpy as np
 
-from .cityscapes_labels import CITYSCAPES_PALETTE  # noqa: F401  (19x3, indexed by train id)
-
 
 def voc_palette(n: int = 256) -> np.ndarray:
     """The standard PASCAL VOC colour map (VOCdevkit `labelcolormap`): the bits of the class index are
